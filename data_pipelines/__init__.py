@@ -1,0 +1,1 @@
+"""tf.data / TFDS input pipelines: the only place that reads data files."""
