@@ -54,13 +54,24 @@ def _safe_sqrt(squared_norm: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared_norm, 1.0)), 0.0)
 
 
+def _stop_gradient_floats(tree: PyTree) -> PyTree:
+    """stop_gradient on floating-point leaves; keys, integers and the like pass through."""
+
+    def stop(leaf):
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jax.lax.stop_gradient(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map(stop, tree)
+
+
 def _norm_and_direction(loss_fn: LossFn, dummy_params: PyTree, args: tuple):
     """||g|| and u = g/||g|| (u = 0 where g = 0), both constants for autodiff.
 
     Stopping the gradient on the *inputs* (rather than on g) means the inner
     backward pass is never itself differentiated: it runs once, as plain numbers.
     """
-    dummy_params, args = jax.lax.stop_gradient((dummy_params, args))
+    dummy_params, args = _stop_gradient_floats((dummy_params, args))
     grads = jax.grad(loss_fn)(dummy_params, *args)
     norm = _safe_sqrt(_tree_squared_norm(grads))
     inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
