@@ -1,0 +1,154 @@
+"""Task heads: DeepLabV3 (ASPP) for dense tasks, a two-layer MLP for classification.
+
+A *heads* module maps shared features to a dict of per-task outputs. The same module
+class builds the trained task heads and the dummy sets, so dummy sets have the task
+heads' architecture and initialiser by construction.
+
+Initialisers follow PyTorch's defaults for these layers (torchvision's DeepLabHead and
+``nn.Linear`` do not override them): kernels uniform in +-1/sqrt(fan_in)
+(``kaiming_uniform(a=sqrt(5))``), biases uniform in +-1/sqrt(fan_in); BN scale 1, bias 0.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgr_jax.models.resnet import batch_norm
+
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_conv(features: int, kernel: int, in_features: int, *, dilation: int = 1,
+               use_bias: bool = False, name: str | None = None):
+    """A conv with PyTorch's default init and symmetric padding ``dilation * (k // 2)``."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation,
+        use_bias=use_bias,
+        kernel_init=torch_kernel_init,
+        bias_init=torch_bias_init(in_features * kernel * kernel),
+        name=name,
+    )
+
+
+def torch_dense(features: int, in_features: int, name: str | None = None):
+    return nn.Dense(
+        features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features), name=name
+    )
+
+
+class DeepLabHead(nn.Module):
+    """DeepLabV3 head: ASPP (1x1, three dilated 3x3, image pooling; each ``width``
+    channels with BN+ReLU) -> concat -> 1x1 projection (BN, ReLU, dropout) -> 3x3 conv
+    (BN, ReLU) -> 1x1 conv with bias to ``num_outputs``. As torchvision's DeepLabHead."""
+
+    num_outputs: int
+    width: int = 256
+    rates: Sequence[int] = (12, 24, 36)
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        def conv_bn_relu(inputs, kernel, dilation, name):
+            y = torch_conv(self.width, kernel, inputs.shape[-1], dilation=dilation, name=f"{name}_conv")(inputs)
+            return nn.relu(batch_norm(train, f"{name}_bn")(y))
+
+        branches = [conv_bn_relu(x, 1, 1, "aspp_1x1")]
+        branches += [conv_bn_relu(x, 3, rate, f"aspp_rate{rate}") for rate in self.rates]
+        pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+        pooled = conv_bn_relu(pooled, 1, 1, "aspp_pool")
+        branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (self.width,)))
+        y = conv_bn_relu(jnp.concatenate(branches, axis=-1), 1, 1, "aspp_project")
+        if self.dropout_rate > 0:
+            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = conv_bn_relu(y, 3, 1, "conv")
+        return torch_conv(self.num_outputs, 1, self.width, use_bias=True, name="classifier")(y)
+
+
+def bilinear_resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of NHWC ``x`` to ``size`` with align_corners=True semantics
+    (corner pixels of input and output coincide), as ``F.interpolate(...,
+    align_corners=True)``. Two small interpolation matrices, so it is cheap to
+    differentiate any number of times."""
+
+    def weights(out_size: int, in_size: int) -> np.ndarray:
+        if out_size == 1 or in_size == 1:
+            positions = np.zeros(out_size)
+        else:
+            positions = np.arange(out_size) * (in_size - 1) / (out_size - 1)
+        low = np.clip(np.floor(positions).astype(int), 0, in_size - 1)
+        high = np.minimum(low + 1, in_size - 1)
+        frac = positions - low
+        matrix = np.zeros((out_size, in_size))
+        np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
+        np.add.at(matrix, (np.arange(out_size), high), frac)
+        return matrix
+
+    out_h, out_w = size
+    rows = jnp.asarray(weights(out_h, x.shape[1]), x.dtype)
+    cols = jnp.asarray(weights(out_w, x.shape[2]), x.dtype)
+    return jnp.einsum("Hh,nhwc,Ww->nHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """L2-normalise the last axis; ``eps`` keeps an all-zero vector finite."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
+
+
+class DenseHeads(nn.Module):
+    """One DeepLabV3 head per dense task; outputs bilinearly upsampled (align_corners)
+    to ``output_size``; tasks in ``unit_norm_tasks`` L2-normalised per pixel.
+
+    ``features`` is one array read by every head (Split), or, with
+    ``per_task_features``, a dict ``{task: array}`` (MTAN).
+    """
+
+    tasks: Sequence[tuple[str, int]]
+    unit_norm_tasks: Sequence[str] = ("normal",)
+    per_task_features: bool = False
+    width: int = 256
+    rates: Sequence[int] = (12, 24, 36)
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, features, output_size: tuple[int, int], train: bool = True) -> Mapping[str, jax.Array]:
+        outputs = {}
+        for task, channels in self.tasks:
+            z = features[task] if self.per_task_features else features
+            y = DeepLabHead(channels, self.width, self.rates, self.dropout_rate, name=task)(z, train)
+            y = bilinear_resize_align_corners(y, tuple(output_size))
+            outputs[task] = unit_normalize(y) if task in self.unit_norm_tasks else y
+        return outputs
+
+
+class ClassifierHeads(nn.Module):
+    """Per task: Linear(features -> hidden), ReLU, Linear(hidden -> classes) (UTKFace)."""
+
+    tasks: Sequence[tuple[str, int]]
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, features, output_size=None, train: bool = True) -> Mapping[str, jax.Array]:
+        del output_size, train  # no spatial output, no BatchNorm
+        outputs = {}
+        for task, classes in self.tasks:
+            h = nn.relu(torch_dense(self.hidden, features.shape[-1], name=f"{task}_fc1")(features))
+            outputs[task] = torch_dense(classes, self.hidden, name=f"{task}_fc2")(h)
+        return outputs

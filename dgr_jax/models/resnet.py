@@ -1,0 +1,169 @@
+"""ResNet-18/34/50/101 in the torchvision layout, with DeepLab's dilated variant.
+
+Layout (torchvision, "v1.5"): 7x7 stride-2 stem conv, BN, ReLU, 3x3 stride-2 max-pool;
+four stages of basic (18/34) or bottleneck (50/101) blocks; the stride sits on the 3x3
+conv; the first block of a stage gets a 1x1 projection (conv + BN) when its shape
+changes; convolutions before BN carry no bias. No classifier: the trunk ends at stage 4.
+
+Dilated (``output_stride=8``), as DeepLab's ``ResnetDilated``: stages 3 and 4 lose
+their stride; their 3x3 convs get dilation 2 and 4, except the first block of each,
+whose formerly strided 3x3 conv gets half that (1 and 2). Padding equals dilation, so
+spatial sizes match PyTorch exactly.
+
+Initialisers follow torchvision: convs He-normal (fan_out, ReLU gain), BN scale 1 and
+bias 0. No pretrained weights are loaded (nothing is downloaded here).
+
+Data layout is NHWC; BatchNorm momentum 0.9 and epsilon 1e-5 equal PyTorch's 0.1/1e-5.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+}
+
+
+def batch_norm(train: bool, name: str | None = None):
+    """PyTorch's BatchNorm2d: momentum 0.1 (Flax 0.9), epsilon 1e-5. The variance is
+    the two-pass mean((x - mean)^2), not mean(x^2) - mean^2: the latter cancels
+    catastrophically in float32 when a channel's spread is small next to its mean
+    (ASPP's image-pooling branch sees one value per image), and the penalty's second
+    derivatives amplify that error."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False, name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None):
+    """PyTorch-style conv: symmetric padding ``dilation * (kernel // 2)``, no bias."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=dilation,
+        use_bias=False,
+        kernel_init=conv_init,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). ``width`` is the output width."""
+
+    width: int
+    stride: int = 1
+    dilation: int = 1
+    first_dilation: int = 1
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        out = conv(self.width, 3, self.stride, self.first_dilation, name="conv1")(x)
+        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = conv(self.width, 3, 1, self.dilation, name="conv2")(out)
+        out = batch_norm(train, "bn2")(out)
+        return nn.relu(out + _shortcut(x, self.width, self.stride, train))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided, dilated), 1x1 expand x4 (ResNet-50/101)."""
+
+    width: int
+    stride: int = 1
+    dilation: int = 1
+    first_dilation: int = 1
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        out = conv(self.width, 1, name="conv1")(x)
+        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = conv(self.width, 3, self.stride, self.first_dilation, name="conv2")(out)
+        out = nn.relu(batch_norm(train, "bn2")(out))
+        out = conv(self.width * 4, 1, name="conv3")(out)
+        out = batch_norm(train, "bn3")(out)
+        return nn.relu(out + _shortcut(x, self.width * 4, self.stride, train))
+
+
+def _shortcut(x, features: int, stride: int, train: bool):
+    if stride == 1 and x.shape[-1] == features:
+        return x
+    projection = conv(features, 1, stride, name="downsample_conv")(x)
+    return batch_norm(train, "downsample_bn")(projection)
+
+
+def stage_plan(depth: int, output_stride: int):
+    """Per stage: (stride, dilation of the first block's 3x3, dilation of the rest)."""
+    if output_stride == 32:
+        return ((1, 1, 1), (2, 1, 1), (2, 1, 1), (2, 1, 1))
+    if output_stride == 8:
+        return ((1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4))
+    raise ValueError(f"ResNet-{depth}: output_stride must be 8 (dilated) or 32, got {output_stride}")
+
+
+class ResNet(nn.Module):
+    """ResNet trunk. ``__call__`` returns stage-4 features; ``stages`` returns all four.
+
+    ``base_width`` (64 in the real networks) and ``stage_sizes`` shrink the model for
+    tests and CPU runs without changing its structure.
+    """
+
+    depth: int = 50
+    output_stride: int = 32
+    base_width: int = 64
+    stage_sizes: Sequence[int] | None = None
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        expansion = 1 if self.depth < 50 else 4
+        return tuple(self.base_width * 2**i * expansion for i in range(4))
+
+    @nn.compact
+    def stages(self, x, train: bool = True, split_last: bool = False):
+        """Stem and four stages. Returns the four stage outputs; with ``split_last``,
+        (output before the stage's last block, stage output) pairs, as MTAN needs."""
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"ResNet: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+        sizes = tuple(self.stage_sizes or STAGE_SIZES[self.depth])
+        if len(sizes) != 4 or min(sizes) < 1:
+            raise ValueError(f"ResNet: stage_sizes must be four counts >= 1, got {sizes}")
+        block_cls = BasicBlock if self.depth < 50 else Bottleneck
+        x = conv(self.base_width, 7, 2, name="stem_conv")(x)
+        x = nn.relu(batch_norm(train, "stem_bn")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = []
+        plan = stage_plan(self.depth, self.output_stride)
+        for index, (num_blocks, (stride, first_dil, dil)) in enumerate(zip(sizes, plan)):
+            width = self.base_width * 2**index
+            for b in range(num_blocks):
+                block = block_cls(
+                    width,
+                    stride if b == 0 else 1,
+                    dil,
+                    first_dil if b == 0 else dil,
+                    name=f"layer{index + 1}_{b}",
+                )
+                if b == num_blocks - 1:
+                    before_last = x
+                x = block(x, train)
+            outputs.append((before_last, x) if split_last else x)
+        return outputs
+
+    def __call__(self, x, train: bool = True):
+        return self.stages(x, train)[-1]
+
+
+def resnet(depth: int = 50, *, dilated: bool = False, base_width: int = 64, stage_sizes=None) -> ResNet:
+    return ResNet(depth, 8 if dilated else 32, base_width, tuple(stage_sizes) if stage_sizes else None)
+
