@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmark commands: timing, device description, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+
+def device_description() -> str:
+    devices = jax.devices()
+    kind = devices[0].device_kind
+    extra = f", {os.cpu_count()} host cores" if devices[0].platform == "cpu" else ""
+    return f"{len(devices)} x {kind} ({devices[0].platform}{extra}), jax {jax.__version__}"
+
+
+def compile_and_time(fn, args, repeats: int, *, threaded_state: bool = False):
+    """Compile ``jax.jit(fn)`` for ``args``; return (compiled, compile_s, median_s, last_output).
+
+    With ``threaded_state`` the first output is fed back as the first argument on the
+    next call (a donated train state).
+    """
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=(0,) if threaded_state else ()).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    args = list(args)
+    output = jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        if threaded_state:
+            args[0] = output[0]
+        start = time.perf_counter()
+        output = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compiled, compile_s, statistics.median(times), output
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident set size of this process, and peak device memory where reported."""
+    result = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return result
+
+
+def print_table(header: list[str], rows: list[list]):
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path: str | None, payload: dict):
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
+
+
+def flat_rel_err_and_cosine(a, b) -> tuple[float, float]:
+    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(a)])
+    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(b)])
+    return (float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+            float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+
+
+def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0) -> dict:
+    """Images and targets of the right shapes, dtypes and invalid values (for timing)."""
+    rng = np.random.default_rng(seed)
+    dense = height > 0 and tasks[0].kind != "classification"
+    batch = {"image": rng.uniform(-1, 1, (batch_size, height, width, 3)).astype(np.float32)}
+    for task in tasks:
+        shape = (batch_size, height, width) if dense else (batch_size,)
+        if task.kind in ("segmentation", "classification"):
+            labels = rng.integers(0, task.channels, shape)
+            if task.kind == "segmentation":
+                labels[rng.uniform(size=shape) < 0.1] = task.invalid
+            batch[task.name] = labels.astype(np.int32)
+        elif task.kind == "regression":
+            value = rng.uniform(0.5, 5.0, shape + (1,)).astype(np.float32)
+            value[rng.uniform(size=shape + (1,)) < 0.1] = task.invalid
+            batch[task.name] = value
+        else:  # normal
+            value = rng.normal(size=shape + (3,))
+            value /= np.linalg.norm(value, axis=-1, keepdims=True)
+            value[rng.uniform(size=shape) < 0.1] = 0.0
+            batch[task.name] = value.astype(np.float32)
+    return batch

@@ -1,0 +1,11 @@
+"""Multi-task learning with DGR on cityscapes: `python -m experiments.cityscapes --help`."""
+
+from experiments.common import run
+
+
+def main(argv=None):
+    return run("cityscapes", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Entry points' dry runs and the benchmark commands, at sizes that run in seconds."""
+
+import json
+
+import pytest
+
+from experiments import cityscapes, nyuv2, penalty_benchmark, step_benchmark, utkface
+
+# Full-size counts derived by hand from the PyTorch layer shapes (see test_models.py for
+# the formulas): ResNet-50 trunk; DeepLabHead(2048, c) = 16,125,440 + 257 c; MTAN adds
+# 4,175,936 of attention per task and 7,931,392 of shared blocks; UTKFace heads
+# 2048-64-c.
+SCENE_HEAD = 16_125_440
+RESNET50 = 23_508_032
+
+
+@pytest.mark.parametrize("entry, argv, encoder, heads", [
+    (nyuv2, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 17),
+    (nyuv2, ["--network", "mtan"], RESNET50 + 3 * 4_175_936 + 7_931_392, 3 * SCENE_HEAD + 257 * 17),
+    (cityscapes, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 30),
+    (cityscapes, ["--network", "mtan"], RESNET50 + 3 * 4_175_936 + 7_931_392, 3 * SCENE_HEAD + 257 * 30),
+    (utkface, [], RESNET50, 3 * (2048 * 64 + 64) + 65 * 14),
+])
+def test_dry_run_prints_full_size_counts(capsys, entry, argv, encoder, heads):
+    entry.main(argv + ["--dry_run"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    counts = json.loads(last)
+    assert counts == {"encoder_params": encoder, "head_params": heads, "dummy_params": 3 * heads,
+                      "total_params": encoder + 4 * heads}
+
+
+def test_entry_points_reject_what_they_cannot_do(capsys):
+    with pytest.raises(SystemExit, match="training is not available yet; use --dry_run"):
+        nyuv2.main([])
+    with pytest.raises(SystemExit) as exit_info:
+        utkface.main(["--network", "mtan", "--dry_run"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'mtan'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--num_dummy must be >= 1, got 0"):
+        nyuv2.main(["--num_dummy", "0", "--dry_run"])
+
+
+SMALL = ["--height", "32", "--width", "40", "--backbone", "18", "--base_width", "4", "--head_width", "8",
+         "--repeats", "1"]
+
+
+def test_penalty_benchmark_writes_its_table_as_json(tmp_path):
+    path = tmp_path / "penalty.json"
+    penalty_benchmark.main(SMALL + ["--json", str(path)])
+    result = json.loads(path.read_text())
+    assert set(result["methods"]) == {"exact", "double_backprop", "finite_difference"}
+    for figures in result["methods"].values():
+        assert {"median_s", "compile_s", "rel_err"} <= set(figures) and figures["median_s"] > 0
+    assert result["methods"]["exact"]["rel_err"] < 1e-4
+    assert result["methods"]["exact"]["rel_err_vs_float64"] < 1e-3
+
+
+def test_step_benchmark_runs_modes_in_their_own_processes(tmp_path):
+    # Every mode's step is tested in-process in test_train.py; here the command itself.
+    path = tmp_path / "step.json"
+    step_benchmark.main(SMALL + ["--num_dummy", "2", "--modes", "dgr_exact", "dgr_paper", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert set(result["modes"]) == {"dgr_exact", "dgr_paper"}
+    assert set(result["ratios"]) == {"dgr_exact/dgr_paper"}
+    for figures in result["modes"].values():
+        assert figures["median_s"] > 0 and figures["compile_s"] > 0 and figures["peak_rss_mb"] > 0
+    assert result["config"]["num_dummy"] == 2 and "cpu" in result["device"]
