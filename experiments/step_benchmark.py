@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
     parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
     parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
+    parser.add_argument("--dummy_batching", choices=("auto", "vmap", "unroll"), default="auto",
+                        help="how DGR modes batch the K dummy sets: vmap, unroll (one after another), "
+                        "or auto = unroll on CPU, vmap on accelerators (default auto)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode after one warm-up (default 3)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to run (default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
@@ -71,7 +74,8 @@ def run_mode(args) -> dict:
 
     method = MODES[args.child_mode]
     dgr = DGRConfig(weight=0.0 if method is None else args.dgr_weight, num_dummy=args.num_dummy,
-                    method=method or "exact", fd_eps=args.fd_eps)
+                    method=method or "exact", fd_eps=args.fd_eps,
+                    unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching])
     net = build_model(ModelConfig(network="split", depth=args.backbone, base_width=args.base_width,
                                   head_width=args.head_width), NYUV2)
     optimizer = optax.sgd(0.1, momentum=0.9)

@@ -164,8 +164,13 @@ def test_stacked_is_mean_of_single_calls(smooth_problem, method, squared):
     def stacked(theta):
         return penalty_of_theta(theta, stacked_heads, x, labels, stacked=True, **kwargs)
 
+    def unrolled(theta):
+        return penalty_of_theta(theta, stacked_heads, x, labels, stacked=True, unroll_sets=True, **kwargs)
+
     np.testing.assert_allclose(stacked(theta), mean_of_singles(theta), rtol=1e-12)
+    np.testing.assert_allclose(unrolled(theta), mean_of_singles(theta), rtol=1e-12)
     assert rel_err(jax.grad(stacked)(theta), jax.grad(mean_of_singles)(theta)) < 1e-10
+    assert rel_err(jax.grad(unrolled)(theta), jax.grad(mean_of_singles)(theta)) < 1e-10
 
 
 @pytest.mark.parametrize("method", METHODS)
