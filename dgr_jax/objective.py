@@ -1,7 +1,8 @@
 """The multi-task objective of a ``MultiTaskNet`` with the DGR penalty.
 
 ``multitask_loss`` is the function a train step differentiates: the encoder runs once,
-its features feed the task heads and the K stacked dummy sets (vmapped), and
+its features feed the task heads and the K stacked dummy sets (vmapped, or unrolled
+on CPU: ``DGRConfig.unroll_sets``), and
 ``jax.grad`` of the total carries the penalty's gradient into the encoder through the
 same single backward pass (DESIGN rule 1).
 
@@ -17,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dgr_jax.models import MultiTaskNet, heads_apply_fn
 from dgr_jax.penalty import METHODS, heads_penalty
@@ -115,7 +117,7 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
 
     def one_set(dummy_params):
         value, (g_theta, g_phi) = jax.value_and_grad(dummy_loss, argnums=(0, 1))(params["encoder"], dummy_params)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(g_phi)))
+        norm = optax.global_norm(g_phi)
         shifted = jax.tree_util.tree_map(lambda p, g: p + (eps / norm) * g, dummy_params, g_phi)
         value_plus, g_theta_plus = jax.value_and_grad(dummy_loss)(params["encoder"], shifted)
         scale = 2.0 * (value_plus - value) / eps**2

@@ -53,10 +53,6 @@ def init_train_state(net: MultiTaskNet, optimizer: optax.GradientTransformation,
     )
 
 
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
-
-
 def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
                     optimizer: optax.GradientTransformation):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated."""
@@ -75,10 +71,10 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
         if dgr.method == "paper" and dgr.weight > 0:
             extra = paper_dgr_encoder_grads(net, tasks, dgr, state.params, state.batch_stats,
                                             state.dummy_sets, batch)
-            metrics["grad_norm/dgr_encoder"] = _global_norm(extra)
+            metrics["grad_norm/dgr_encoder"] = optax.global_norm(extra)
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
-        metrics["grad_norm/encoder"] = _global_norm(grads["encoder"])
-        metrics["grad_norm/heads"] = _global_norm(grads["heads"])
+        metrics["grad_norm/encoder"] = optax.global_norm(grads["encoder"])
+        metrics["grad_norm/heads"] = optax.global_norm(grads["heads"])
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             params=optax.apply_updates(state.params, updates),

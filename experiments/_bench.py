@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -10,6 +11,28 @@ import time
 
 import jax
 import numpy as np
+
+
+def add_common_flags(parser: argparse.ArgumentParser, repeats_of: str):
+    """Flags both benchmarks take: input size, backbone and widths, repeats, eps, --json."""
+    parser.add_argument("--height", type=int, default=96, help="input height (default 96; NYUv2 is 288)")
+    parser.add_argument("--width", type=int, default=128, help="input width (default 128; NYUv2 is 384)")
+    parser.add_argument("--batch_size", type=int, default=2, help="batch size (default 2; the paper uses 4)")
+    parser.add_argument("--backbone", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth (default 50)")
+    parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
+    parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
+    parser.add_argument("--repeats", type=int, default=3, help=f"timed {repeats_of} after one warm-up (default 3)")
+    parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+
+
+def check_common_flags(parser: argparse.ArgumentParser, args, extra_positive=()):
+    """One-line parser errors for sizes < 1 and a non-positive finite-difference step."""
+    for name in ("height", "width", "batch_size", "repeats", "base_width", "head_width", *extra_positive):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.fd_eps <= 0:
+        parser.error(f"--fd_eps must be > 0, got {args.fd_eps}")
 
 
 def device_description() -> str:

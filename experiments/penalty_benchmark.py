@@ -26,25 +26,13 @@ from experiments import _bench
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.penalty_benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--height", type=int, default=96, help="input height (default 96)")
-    parser.add_argument("--width", type=int, default=128, help="input width (default 128)")
-    parser.add_argument("--batch_size", type=int, default=2, help="batch size (default 2)")
-    parser.add_argument("--backbone", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth (default 50)")
-    parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
-    parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method after one warm-up (default 3)")
-    parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
+    _bench.add_common_flags(parser, "calls per method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to time (double_backprop is always run: it is the reference)")
     parser.add_argument("--no_float64_truth", action="store_true",
                         help="skip the float64 exact gradient used as ground truth for every method's error")
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    for name in ("height", "width", "batch_size", "repeats", "base_width", "head_width"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.fd_eps <= 0:
-        parser.error(f"--fd_eps must be > 0, got {args.fd_eps}")
+    _bench.check_common_flags(parser, args)
     return args
 
 

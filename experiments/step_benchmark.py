@@ -25,6 +25,8 @@ import json
 import subprocess
 import sys
 
+from experiments import _bench
+
 MODES = {
     "vanilla": None,
     "dgr_exact": "exact",
@@ -36,28 +38,18 @@ MODES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.step_benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--height", type=int, default=96, help="input height (default 96; NYUv2 is 288)")
-    parser.add_argument("--width", type=int, default=128, help="input width (default 128; NYUv2 is 384)")
-    parser.add_argument("--batch_size", type=int, default=2, help="batch size (default 2; the paper uses 4)")
-    parser.add_argument("--backbone", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth (default 50)")
+    _bench.add_common_flags(parser, "steps per mode")
     parser.add_argument("--num_dummy", type=int, default=3, help="K, dummy sets (default 3)")
     parser.add_argument("--dgr_weight", type=float, default=0.1, help="lambda (default 0.1; does not change the cost)")
-    parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
-    parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
-    parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
     parser.add_argument("--dummy_batching", choices=("auto", "vmap", "unroll"), default="auto",
                         help="how DGR modes batch the K dummy sets: vmap, unroll (one after another), "
                         "or auto = unroll on CPU, vmap on accelerators (default auto)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode after one warm-up (default 3)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to run (default all)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--child_mode", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("height", "width", "batch_size", "num_dummy", "repeats", "base_width", "head_width"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.fd_eps <= 0 or args.dgr_weight < 0:
-        parser.error("--fd_eps must be > 0 and --dgr_weight >= 0")
+    _bench.check_common_flags(parser, args, extra_positive=("num_dummy",))
+    if args.dgr_weight < 0:
+        parser.error(f"--dgr_weight must be >= 0, got {args.dgr_weight}")
     return args
 
 
@@ -70,7 +62,6 @@ def run_mode(args) -> dict:
     from dgr_jax.objective import DGRConfig
     from dgr_jax.tasks import NYUV2
     from dgr_jax.train import init_train_state, make_train_step
-    from experiments import _bench
 
     method = MODES[args.child_mode]
     dgr = DGRConfig(weight=0.0 if method is None else args.dgr_weight, num_dummy=args.num_dummy,

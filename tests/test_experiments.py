@@ -65,3 +65,16 @@ def test_step_benchmark_runs_modes_in_their_own_processes(tmp_path):
     for figures in result["modes"].values():
         assert figures["median_s"] > 0 and figures["compile_s"] > 0 and figures["peak_rss_mb"] > 0
     assert result["config"]["num_dummy"] == 2 and "cpu" in result["device"]
+
+
+@pytest.mark.parametrize("entry, argv, message", [
+    (penalty_benchmark, ["--height", "0"], "--height must be >= 1, got 0"),
+    (step_benchmark, ["--fd_eps", "0"], "--fd_eps must be > 0, got 0.0"),
+    (step_benchmark, ["--num_dummy", "0"], "--num_dummy must be >= 1, got 0"),
+    (step_benchmark, ["--dgr_weight", "-1"], "--dgr_weight must be >= 0, got -1.0"),
+])
+def test_benchmarks_reject_bad_flags_in_one_line(capsys, entry, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
