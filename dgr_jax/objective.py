@@ -117,7 +117,7 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
 
     def one_set(dummy_params):
         value, (g_theta, g_phi) = jax.value_and_grad(dummy_loss, argnums=(0, 1))(params["encoder"], dummy_params)
-        norm = optax.global_norm(g_phi)
+        norm = optax.tree.norm(g_phi)
         shifted = jax.tree_util.tree_map(lambda p, g: p + (eps / norm) * g, dummy_params, g_phi)
         value_plus, g_theta_plus = jax.value_and_grad(dummy_loss)(params["encoder"], shifted)
         scale = 2.0 * (value_plus - value) / eps**2

@@ -71,10 +71,10 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
         if dgr.method == "paper" and dgr.weight > 0:
             extra = paper_dgr_encoder_grads(net, tasks, dgr, state.params, state.batch_stats,
                                             state.dummy_sets, batch)
-            metrics["grad_norm/dgr_encoder"] = optax.global_norm(extra)
+            metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
-        metrics["grad_norm/encoder"] = optax.global_norm(grads["encoder"])
-        metrics["grad_norm/heads"] = optax.global_norm(grads["heads"])
+        metrics["grad_norm/encoder"] = optax.tree.norm(grads["encoder"])
+        metrics["grad_norm/heads"] = optax.tree.norm(grads["heads"])
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             params=optax.apply_updates(state.params, updates),
