@@ -15,6 +15,7 @@ import pytest
 from dgr_jax import dgr_penalty, heads_penalty, init_dummy_sets, multitask_dummy_loss
 from dgr_jax.models import (ModelConfig, ResNet, bilinear_resize_align_corners, build_model,
                             count_params, heads_apply_fn)
+from dgr_jax.models.heads import TrimmedConv
 from dgr_jax.tasks import CITYSCAPES, NYUV2, UTKFACE, task_losses
 
 TINY = dict(base_width=4, head_width=8, stage_sizes=(1, 2, 1, 1))
@@ -181,6 +182,49 @@ def test_bilinear_align_corners_matches_pixelwise_reference(in_size, out_size):
     y = bilinear_resize_align_corners(jnp.asarray(x), out_size)
     np.testing.assert_allclose(y, reference_align_corners(x, *out_size), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(y[:, -1, -1], x[:, -1, -1], rtol=1e-12)  # corners coincide
+
+
+def reference_dilated_conv(x, kernel, dilation):
+    """Zero-padded 'same' dilated convolution by explicit loops over taps (float64)."""
+    n, h, w, _ = x.shape
+    k = kernel.shape[0]
+    half = k // 2
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for a, b in itertools.product(range(k), range(k)):
+        dy, dx = (a - half) * dilation, (b - half) * dilation
+        shifted = np.zeros_like(x)
+        ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+        yt, xt = slice(max(0, dy), min(h, h + dy)), slice(max(0, dx), min(w, w + dx))
+        shifted[:, ys, xs] = x[:, yt, xt]
+        out += shifted @ kernel[a, b]
+    return out
+
+
+@pytest.mark.parametrize("size, dilation", [((12, 16), 12), ((12, 16), 36), ((5, 9), 4), ((6, 6), 1), ((1, 1), 2)])
+def test_trimmed_conv_equals_full_dilated_conv_with_gradients(size, dilation):
+    # ASPP taps that can only meet zero padding are skipped; value and every gradient
+    # (zero for the skipped taps) must equal the full convolution's.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, *size, 3))
+    conv = TrimmedConv(4, 3, dilation=dilation, use_bias=True, param_dtype=jnp.float64)
+    params = conv.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+    kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
+    np.testing.assert_allclose(conv.apply({"params": params}, jnp.asarray(x)),
+                               reference_dilated_conv(x, kernel, dilation) + bias, rtol=1e-10, atol=1e-10)
+    weights = rng.normal(size=(2, *size, 4))
+    grads = jax.grad(lambda p, xx: jnp.sum(weights * conv.apply({"params": p}, xx)), argnums=(0, 1))(
+        params, jnp.asarray(x))
+    # The function is linear in kernel and x, so gradients follow from the reference by
+    # unit perturbations: d/dkernel[a,b,i,o] = sum(weights * conv(x, e_abio)).
+    grad_kernel = np.zeros_like(kernel)
+    for index in itertools.product(*map(range, kernel.shape)):
+        unit = np.zeros_like(kernel)
+        unit[index] = 1.0
+        grad_kernel[index] = np.sum(weights * reference_dilated_conv(x, unit, dilation))
+    np.testing.assert_allclose(grads[0]["kernel"], grad_kernel, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(grads[0]["bias"], weights.sum(axis=(0, 1, 2)), rtol=1e-10)
+    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # adjoint of a 'same' conv
+    np.testing.assert_allclose(grads[1], reference_dilated_conv(weights, flipped, dilation), rtol=1e-10, atol=1e-10)
 
 
 def test_normal_outputs_are_unit_vectors_and_others_are_not():
