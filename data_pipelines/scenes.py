@@ -1,0 +1,384 @@
+"""Dense scene data sets (NYUv2, Cityscapes) from their community ``.npy`` folders,
+through a TFDS builder, into seeded tf.data pipelines.
+
+On disk (the mtan / auto-lambda preprocessing; ``{i}`` runs 0..n-1 in every folder):
+
+    NYUv2       root/{train,val}/image/{i}.npy    float (H, W, 3) in [0, 1]
+                root/{train,val}/label/{i}.npy    (H, W) integers 0..12, -1 ignore (any int or float dtype)
+                root/{train,val}/depth/{i}.npy    float (H, W, 1) or (H, W), metres, 0 invalid
+                root/{train,val}/normal/{i}.npy   float (H, W, 3) in [-1, 1], all-zero invalid
+    Cityscapes  root/{train,val}/image/{i}.npy    float (H, W, 3) in [0, 1]
+                root/{train,val}/label_19/{i}.npy (H, W) integers 0..18, -1 ignore
+                root/{train,val}/part_seg/{i}.npy (H, W) integers 0..9, -1 ignore
+                root/{train,val}/depth/{i}.npy    float (H, W, 1) or (H, W), disparity, -1 invalid
+
+The real sets are 288x384 (NYUv2, 795 train / 654 val) and 256x512 (Cityscapes); any
+size works as long as every file of a set agrees.
+
+Preparing: the folder is checked (counts, names, shapes, dtypes: one-line errors naming
+the file), then a TFDS ``GeneratorBasedBuilder`` reads it as its manual dir and writes
+versioned ArrayRecord files under ``common.cache_root()/tfds/<name>_<fingerprint>``; the
+fingerprint covers every file's name, size and modification time, so editing the data
+prepares it again and the user's folder is never written to.
+
+Reading: random access into the prepared records in this epoch's seeded order
+(``common.epoch_order``), so shuffling is global, ``start_step`` skips exactly, and
+a process reads only its shard. Augmentation (train) runs in TF ops with stateless
+random numbers seeded by (seed, epoch, example index): scale from {1.0, 1.2, 1.5},
+crop back to the training size, horizontal flip with p = 0.5 (normal x negated);
+depth / scale, disparity * scale; labels, depth and disparity resized with nearest
+neighbour, image and normal bilinearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_pipelines import common
+from data_pipelines.common import DataError
+
+SCALES = (1.0, 1.2, 1.5)
+FORMAT_VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    key: str  # batch key (the task's name, or "image")
+    folder: str  # folder name on disk
+    kind: str  # image | label | depth | disp | normal
+    channels: int | None  # trailing channel axis; None for (H, W) labels
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneFormat:
+    name: str
+    fields: tuple[Field, ...]
+    num_classes: Mapping[str, int]  # label fields: classes (values 0..n-1, or -1)
+    splits: tuple[str, ...] = ("train", "val")
+
+
+NYUV2 = SceneFormat(
+    "nyuv2",
+    (Field("image", "image", "image", 3), Field("seg", "label", "label", None),
+     Field("depth", "depth", "depth", 1), Field("normal", "normal", "normal", 3)),
+    {"seg": 13},
+)
+CITYSCAPES = SceneFormat(
+    "cityscapes",
+    (Field("image", "image", "image", 3), Field("seg", "label_19", "label", None),
+     Field("part_seg", "part_seg", "label", None), Field("disp", "depth", "disp", 1)),
+    {"seg": 19, "part_seg": 10},
+)
+FORMATS = {f.name: f for f in (NYUV2, CITYSCAPES)}
+
+_INDEX_FILE = re.compile(r"^(\d+)\.npy$")
+
+
+# ---------------------------------------------------------------------------
+# Checking the user's folder (cheap: headers only, via memory maps).
+
+
+def _peek(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as error:
+        raise DataError(f"{path}: unreadable .npy file ({type(error).__name__}: {error})") from None
+    return array.shape, array.dtype
+
+
+def _expected_shape(field: Field, height: int, width: int) -> tuple[int, ...]:
+    return (height, width) if field.channels is None else (height, width, field.channels)
+
+
+def _check_file(field: Field, path: Path, shape, dtype, height: int, width: int) -> None:
+    ok = tuple(shape) == _expected_shape(field, height, width)
+    if field.channels == 1 and tuple(shape) == (height, width):
+        ok = True  # depth / disparity saved without the channel axis
+    if not ok:
+        wanted = "x".join(map(str, _expected_shape(field, height, width)))
+        raise DataError(f"{path}: shape {tuple(shape)}, expected {wanted} ({field.kind}, like {field.folder}/0.npy's size)")
+    kinds = "iuf" if field.kind == "label" else "f"
+    if dtype.kind not in kinds:
+        raise DataError(f"{path}: dtype {dtype}, expected {'an integer or float' if field.kind == 'label' else 'a float'} array")
+
+
+def scan_split(fmt: SceneFormat, root: str | Path, split: str) -> tuple[int, int, int]:
+    """Check ``root/split``: every folder present with files 0..n-1, the same n
+    everywhere, consistent shapes and dtypes. Returns ``(n, height, width)``."""
+    root = common.require_dir(root, f"{fmt.name} data")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: missing {fmt.name} split folder (expected {'/'.join(f.folder for f in fmt.fields)} inside)")
+    counts = {}
+    for field in fmt.fields:
+        folder = split_dir / field.folder
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing folder ({fmt.name} needs {', '.join(f.folder for f in fmt.fields)} in {split_dir})")
+        indices = sorted(int(m.group(1)) for m in map(_INDEX_FILE.match, (p.name for p in folder.iterdir())) if m)
+        if not indices:
+            raise DataError(f"{folder}: no {{i}}.npy files")
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            raise DataError(f"{folder}: files are not numbered 0..{len(indices) - 1} (missing {missing[0]}.npy)")
+        counts[field.folder] = len(indices)
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise DataError(f"{split_dir}: folders hold different numbers of files ({listing})")
+    count = next(iter(counts.values()))
+    image_shape, _ = _peek(split_dir / "image" / "0.npy")
+    if len(image_shape) != 3 or image_shape[-1] != 3:
+        raise DataError(f"{split_dir / 'image' / '0.npy'}: shape {image_shape}, expected HxWx3")
+    height, width = image_shape[:2]
+    for field in fmt.fields:
+        for i in range(count):
+            path = split_dir / field.folder / f"{i}.npy"
+            shape, dtype = _peek(path)
+            _check_file(field, path, shape, dtype, height, width)
+    return count, height, width
+
+
+def fingerprint(fmt: SceneFormat, root: Path, splits: Sequence[str]) -> str:
+    digest = hashlib.sha256(f"{fmt.name}/{FORMAT_VERSION}".encode())
+    for split in splits:
+        for field in fmt.fields:
+            folder = root / split / field.folder
+            for path in sorted(folder.glob("*.npy")):
+                stat = path.stat()
+                digest.update(f"{split}/{field.folder}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# The TFDS builder.
+
+
+@dataclasses.dataclass
+class SceneConfig(tfds.core.BuilderConfig):
+    fmt: SceneFormat = NYUV2
+    height: int = 0
+    width: int = 0
+    splits: tuple[str, ...] = ("train", "val")
+
+
+class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Reads a NYUv2 / Cityscapes ``.npy`` folder (the manual dir); no download step."""
+
+    VERSION = tfds.core.Version(FORMAT_VERSION)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Place the preprocessed .npy folders (see data_pipelines/scenes.py) in the manual dir: "
+        "<manual_dir>/{train,val}/<field>/{i}.npy.")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config: SceneConfig = self.builder_config
+        features = {"index": np.int64}
+        for field in config.fmt.fields:
+            shape = _expected_shape(field, config.height, config.width)
+            dtype = np.int16 if field.kind == "label" else np.float32
+            features[field.key] = tfds.features.Tensor(shape=shape, dtype=dtype)
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(features), disable_shuffling=True,
+            description=f"{config.fmt.name} from local .npy folders ({config.height}x{config.width})")
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        return {split: self._generate_examples(root / split) for split in self.builder_config.splits}
+
+    def _generate_examples(self, split_dir: Path) -> Iterator[tuple[int, dict]]:
+        config: SceneConfig = self.builder_config
+        count = len(list((split_dir / "image").glob("*.npy")))
+        for i in range(count):
+            example = {"index": i}
+            for field in config.fmt.fields:
+                path = split_dir / field.folder / f"{i}.npy"
+                array = common.load_npy(path)
+                _check_file(field, path, array.shape, array.dtype, config.height, config.width)
+                array = array.reshape(_expected_shape(field, config.height, config.width))
+                if field.kind == "label":
+                    if not np.all(array == np.round(array)):
+                        raise DataError(f"{path}: label values are not integers")
+                    classes = config.fmt.num_classes[field.key]
+                    if array.min() < -1 or array.max() >= classes:
+                        raise DataError(f"{path}: labels in [{array.min()}, {array.max()}], expected 0..{classes - 1} or -1")
+                    array = array.astype(np.int16)
+                else:
+                    if not np.all(np.isfinite(array)):
+                        raise DataError(f"{path}: contains NaN or infinity")
+                    array = array.astype(np.float32)
+                example[field.key] = array
+            yield i, example
+
+
+def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = ("train", "val"),
+            cache_dir: str | Path | None = None, verbose: bool = True) -> SceneFolder:
+    """Check the folder and build (once) its TFDS records; returns the builder."""
+    data_dir = common.require_dir(data_dir, f"{fmt.name} data")
+    for split in splits:
+        if split not in fmt.splits:
+            raise ValueError(f"{fmt.name}: unknown split {split!r}; choose from {fmt.splits}")
+    sizes = {split: scan_split(fmt, data_dir, split) for split in splits}
+    if len({s[1:] for s in sizes.values()}) > 1:
+        found = ", ".join(f"{k}: {v[1]}x{v[2]}" for k, v in sizes.items())
+        raise DataError(f"{data_dir}: splits have different image sizes ({found})")
+    height, width = next(iter(sizes.values()))[1:]
+    key = fingerprint(fmt, data_dir, splits)
+    cache = Path(cache_dir) if cache_dir is not None else common.cache_root() / "tfds"
+    config = SceneConfig(name=f"{height}x{width}_{'_'.join(splits)}", fmt=fmt, height=height,
+                         width=width, splits=tuple(splits))
+    builder = SceneFolder(config=config, data_dir=str(cache / f"{fmt.name}_{key}"), file_format="array_record")
+    if not builder.is_prepared():
+        if verbose:
+            total = sum(s[0] for s in sizes.values())
+            print(f"preparing {fmt.name} ({total} examples, {height}x{width}) from {data_dir} "
+                  f"into {builder.data_dir}", flush=True)
+        tfds.display_progress_bar(False)  # our one line above says what happens
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=str(data_dir), verify_ssl=False))
+    return builder
+
+
+# ---------------------------------------------------------------------------
+# Augmentation (TF ops, stateless random numbers).
+
+
+def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf.Tensor,
+                    scales: Sequence[float] = SCALES) -> dict[str, tf.Tensor]:
+    """Random scale + crop back to size + horizontal flip, as DESIGN §4.
+
+    ``seed``: shape-(2,) int seed for the stateless ops. Returns a new dict with the same
+    keys, shapes and dtypes; also ``scale`` and ``flip`` (for tests and logging).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    height, width = example["image"].shape[0], example["image"].shape[1]
+    choice = tf.random.stateless_uniform([], seeds[0], 0, len(scales), dtype=tf.int32)
+    scale = tf.gather(tf.constant(scales, tf.float32), choice)
+    new_h = tf.cast(tf.round(height * scale), tf.int32)
+    new_w = tf.cast(tf.round(width * scale), tf.int32)
+    top = tf.random.stateless_uniform([], seeds[1], 0, new_h - height + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, new_w - width + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
+    kinds = {f.key: f.kind for f in fmt.fields}
+    out = {}
+    for key, value in example.items():
+        kind = kinds.get(key)
+        if kind is None:
+            out[key] = value
+            continue
+        x = value[..., None] if kind == "label" else value
+        method = "bilinear" if kind in ("image", "normal") else "nearest"
+        x = tf.image.resize(tf.cast(x, tf.float32), tf.stack([new_h, new_w]), method=method)
+        x = x[top:top + height, left:left + width]
+        x = tf.cond(flip, lambda x=x: tf.reverse(x, axis=[1]), lambda x=x: x)
+        if kind == "normal":
+            x = x * tf.cond(flip, lambda: tf.constant([-1.0, 1.0, 1.0]), lambda: tf.ones(3))
+        elif kind == "depth":
+            x = x / scale  # 0 (invalid) stays 0
+        elif kind == "disp":
+            x = tf.where(x == -1.0, x, x * scale)  # -1 (invalid) stays -1
+        if kind == "label":
+            x = tf.cast(x[..., 0], value.dtype)
+        x.set_shape(value.shape)
+        out[key] = x
+    out["scale"], out["flip"] = scale, flip
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The pipeline.
+
+
+class SceneDataset:
+    """One epoch of dict batches (numpy). ``len()`` is the number of batches.
+
+    Batches: ``image`` float32 (B, H, W, 3) in [-1, 1]; segmentation keys int32 (B, H, W)
+    with -1 ignore; ``depth`` / ``disp`` float32 (B, H, W, 1) with their invalid values
+    (0 / -1) kept; ``normal`` float32 (B, H, W, 3), all-zero invalid; ``index`` int64 (B,)
+    (the example's number in its split).
+    """
+
+    def __init__(self, fmt: SceneFormat, builder: SceneFolder, split: str, batch_size: int, *,
+                 augment: bool, seed: int, epoch: int, start_step: int, drop_remainder: bool,
+                 shuffle: bool, process_index: int | None, process_count: int | None):
+        self.fmt, self.split, self.batch_size = fmt, split, batch_size
+        self.height, self.width = builder.builder_config.height, builder.builder_config.width
+        self._source = builder.as_data_source(split=split)
+        indices = common.shard_indices(len(self._source), process_index, process_count)
+        self.num_examples = len(indices)
+        self.num_batches = common.batches_per_epoch(len(indices), batch_size, drop_remainder)
+        common.check_batch_args(batch_size, start_step, self.num_batches, f"{fmt.name} make_dataset")
+        order = common.epoch_order(indices, seed, epoch, shuffle)
+        self._order = order[start_step * batch_size:self.num_batches * batch_size]
+        self._augment, self._seed, self._epoch = augment, seed, epoch
+        self._drop_remainder = drop_remainder
+
+    def __len__(self) -> int:
+        return common.batches_per_epoch(len(self._order), self.batch_size, self._drop_remainder)
+
+    def _read(self, index):
+        example = self._source[int(index)]
+        return tuple(example[f.key] for f in self.fmt.fields) + (np.int64(example["index"]),)
+
+    def as_tf_dataset(self) -> tf.data.Dataset:
+        fields = self.fmt.fields
+        dtypes = [tf.int16 if f.kind == "label" else tf.float32 for f in fields] + [tf.int64]
+
+        def read(position):
+            values = tf.numpy_function(self._read, [position], dtypes, stateful=False)
+            example = {}
+            for field, value in zip(fields, values):
+                value.set_shape(_expected_shape(field, self.height, self.width))
+                example[field.key] = value
+            values[-1].set_shape(())
+            example["index"] = values[-1]
+            return example
+
+        def finish(example):
+            if self._augment:
+                seed = tf.stack([tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]])
+                example = augment_example(example, self.fmt, seed)
+                example.pop("scale"), example.pop("flip")
+            out = {"image": example["image"] * 2.0 - 1.0, "index": example["index"]}
+            for field in fields[1:]:
+                value = example[field.key]
+                out[field.key] = tf.cast(value, tf.int32) if field.kind == "label" else value
+            return out
+
+        ds = tf.data.Dataset.from_tensor_slices(self._order)
+        ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.batch_size, drop_remainder=self._drop_remainder)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.as_tf_dataset().as_numpy_iterator())
+
+
+def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size: int, *,
+                 augment: bool | None = None, seed: int = 0, epoch: int = 0, start_step: int = 0,
+                 drop_remainder: bool | None = None, shuffle: bool | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 cache_dir: str | Path | None = None, verbose: bool = True) -> SceneDataset:
+    """One epoch of ``split`` from a ``.npy`` folder in ``fmt``'s layout (module docstring).
+
+    ``augment``, ``shuffle`` and ``drop_remainder`` default to True for "train" and
+    False otherwise. The order depends only on ``(seed, epoch)``; ``start_step`` skips the
+    first batches of that epoch exactly. This process reads its shard of the split
+    (``jax.process_index()`` of ``jax.process_count()`` unless given).
+    """
+    if split not in fmt.splits:
+        raise ValueError(f"{fmt.name} make_dataset: unknown split {split!r}; choose from {fmt.splits}")
+    train = split == "train"
+    builder = prepare(fmt, data_dir, splits=fmt.splits, cache_dir=cache_dir, verbose=verbose)
+    return SceneDataset(
+        fmt, builder, split, batch_size,
+        augment=train if augment is None else augment, seed=seed, epoch=epoch, start_step=start_step,
+        drop_remainder=train if drop_remainder is None else drop_remainder,
+        shuffle=train if shuffle is None else shuffle,
+        process_index=process_index, process_count=process_count)
