@@ -309,9 +309,14 @@ class SceneDataset:
         self.fmt, self.split, self.batch_size = fmt, split, batch_size
         self.height, self.width = builder.builder_config.height, builder.builder_config.width
         self._source = builder.as_data_source(split=split)
+        if batch_size < 1:
+            raise ValueError(f"{fmt.name} make_dataset: batch_size must be >= 1, got {batch_size}")
         indices = common.shard_indices(len(self._source), process_index, process_count)
         self.num_examples = len(indices)
-        self.num_batches = common.batches_per_epoch(len(indices), batch_size, drop_remainder)
+        # Training batches count from the smallest shard, so every process runs the same
+        # number of steps (shards differ by at most one example).
+        counted = len(self._source) // (process_count or common.process_info()[1]) if drop_remainder else len(indices)
+        self.num_batches = common.batches_per_epoch(counted, batch_size, drop_remainder)
         common.check_batch_args(batch_size, start_step, self.num_batches, f"{fmt.name} make_dataset")
         order = common.epoch_order(indices, seed, epoch, shuffle)
         self._order = order[start_step * batch_size:self.num_batches * batch_size]

@@ -96,7 +96,11 @@ UTKFACE = (
     Task("gender", 2, "classification"),
     Task("ethnicity", 5, "classification"),
 )
-DATASETS = {"nyuv2": NYUV2, "cityscapes": CITYSCAPES, "utkface": UTKFACE}
+MULTIDIGITS = (
+    Task("left", 10, "classification"),
+    Task("right", 10, "classification"),
+)
+DATASETS = {"nyuv2": NYUV2, "cityscapes": CITYSCAPES, "utkface": UTKFACE, "multidigits": MULTIDIGITS}
 
 
 def task_losses(tasks) -> dict[str, Callable]:
