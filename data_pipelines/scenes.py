@@ -216,6 +216,9 @@ class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, example
 
 
+_BUILDERS: dict[tuple[str, str, str], SceneFolder] = {}
+
+
 def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = ("train", "val"),
             cache_dir: str | Path | None = None, verbose: bool = True) -> SceneFolder:
     """Check the folder and build (once) its TFDS records; returns the builder."""
@@ -232,7 +235,11 @@ def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = (
     cache = Path(cache_dir) if cache_dir is not None else common.cache_root() / "tfds"
     config = SceneConfig(name=f"{height}x{width}_{'_'.join(splits)}", fmt=fmt, height=height,
                          width=width, splits=tuple(splits))
-    builder = SceneFolder(config=config, data_dir=str(cache / f"{fmt.name}_{key}"), file_format="array_record")
+    builder_key = (fmt.name, str(cache / f"{fmt.name}_{key}"), config.name)
+    builder = _BUILDERS.get(builder_key)
+    if builder is None:  # one builder per prepared set and process (TFDS logs each construction)
+        builder = SceneFolder(config=config, data_dir=builder_key[1], file_format="array_record")
+        _BUILDERS[builder_key] = builder
     if not builder.is_prepared():
         if verbose:
             total = sum(s[0] for s in sizes.values())

@@ -237,3 +237,38 @@ def test_bad_folders_give_one_line_errors_naming_the_path(tmp_path, case):
     # Nothing half-written is left in the cache.
     assert not any(p.name.startswith("incomplete") for p in cache.rglob("*")) if cache.exists() else True
     assert not any(cache.rglob("*.array_record*")) if cache.exists() else True
+
+
+@pytest.mark.parametrize("kind", ["nyuv2", "cityscapes"])
+def test_generated_scenes_go_through_the_same_builder(tmp_path, kind):
+    from data_pipelines import synthetic
+
+    root = synthetic.write_scenes(tmp_path / "scenes", kind=kind, num_train=5, num_val=2, height=24, width=32, seed=1)
+    fmt = scenes.FORMATS[kind]
+    batches = list(scenes.make_dataset(fmt, root, "train", 2, cache_dir=tmp_path / "cache", verbose=False))
+    assert len(batches) == 2  # 5 examples, remainder dropped in training
+    for batch in batches:
+        assert batch["image"].shape == (2, 24, 32, 3) and batch["image"].dtype == np.float32
+        assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        for field in fmt.fields[1:]:
+            value = batch[field.key]
+            if field.kind == "label":
+                assert value.dtype == np.int32 and value.min() >= -1 and value.max() < fmt.num_classes[field.key]
+            elif field.kind == "depth":
+                assert value.shape == (2, 24, 32, 1) and value.min() >= 0.0
+            elif field.kind == "disp":
+                assert ((value == -1.0) | (value > 0)).all()
+            else:
+                norms = np.linalg.norm(value, axis=-1)
+                # Bilinear rescaling averages normals only across surface edges.
+                assert norms.max() <= 1.0 + 1e-5
+                assert np.mean((norms < 1e-6) | (np.abs(norms - 1.0) < 1e-5)) > 0.8
+    # Unaugmented validation data equals the files, value for value.
+    val = next(iter(scenes.make_dataset(fmt, root, "val", 2, cache_dir=tmp_path / "cache", verbose=False)))
+    for field in fmt.fields:
+        want = np.stack([np.load(root / "val" / field.folder / f"{i}.npy") for i in range(2)])
+        got = val[field.key]
+        if field.kind == "image":
+            np.testing.assert_allclose(got, want * 2 - 1, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, want.reshape(got.shape).astype(got.dtype))
