@@ -62,6 +62,29 @@ def _forward(net, params, batch_stats, images, rng):
     return features, outputs, updates["batch_stats"]
 
 
+def task_losses_and_penalty(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig, params: PyTree,
+                           batch_stats: PyTree, dummy_sets: PyTree, batch: Mapping[str, jax.Array],
+                           rng: jax.Array):
+    """``(task_losses (T,), penalty, new_batch_stats)`` with the encoder run once.
+
+    ``params``: ``{"encoder", "heads"}``. The penalty is the mean DGR penalty of the K
+    dummy sets on the same features (0 when ``dgr.weight == 0`` or ``method == "paper"``,
+    whose gradient ``paper_dgr_encoder_grads`` supplies instead).
+    """
+    images = batch["image"]
+    features, outputs, new_batch_stats = _forward(net, params, batch_stats, images, rng)
+    losses = task_losses(tasks)
+    per_task = jnp.stack([losses[t.name](outputs[t.name], batch[t.name]) for t in tasks])
+    penalty = jnp.zeros((), per_task.dtype)
+    if dgr.weight > 0 and dgr.method != "paper":
+        penalty = heads_penalty(
+            heads_apply_fn(net.heads, images.shape[1:3]), dummy_sets, features,
+            {t.name: batch[t.name] for t in tasks}, losses,
+            method=dgr.method, squared=dgr.squared, fd_eps=dgr.fd_eps, unroll_sets=dgr.unrolled(),
+        )
+    return per_task, penalty, new_batch_stats
+
+
 def multitask_loss(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig, params: PyTree,
                    batch_stats: PyTree, dummy_sets: PyTree, batch: Mapping[str, jax.Array],
                    rng: jax.Array, task_weights: jax.Array | None = None):
@@ -71,20 +94,10 @@ def multitask_loss(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig, par
     (updated running statistics). With ``dgr.method == "paper"`` or ``weight == 0``
     the penalty term is absent from the total (``penalty`` is then reported as 0).
     """
-    images = batch["image"]
-    features, outputs, new_batch_stats = _forward(net, params, batch_stats, images, rng)
-    losses = task_losses(tasks)
-    per_task = jnp.stack([losses[t.name](outputs[t.name], batch[t.name]) for t in tasks])
+    per_task, penalty, new_batch_stats = task_losses_and_penalty(
+        net, tasks, dgr, params, batch_stats, dummy_sets, batch, rng)
     weights = jnp.ones_like(per_task) if task_weights is None else task_weights
-    total = jnp.sum(weights * per_task)
-    penalty = jnp.zeros((), per_task.dtype)
-    if dgr.weight > 0 and dgr.method != "paper":
-        penalty = heads_penalty(
-            heads_apply_fn(net.heads, images.shape[1:3]), dummy_sets, features,
-            {t.name: batch[t.name] for t in tasks}, losses,
-            method=dgr.method, squared=dgr.squared, fd_eps=dgr.fd_eps, unroll_sets=dgr.unrolled(),
-        )
-        total = total + dgr.weight * penalty
+    total = jnp.sum(weights * per_task) + dgr.weight * penalty
     return total, {"task_losses": per_task, "penalty": penalty, "batch_stats": new_batch_stats}
 
 

@@ -17,72 +17,137 @@ import jax.numpy as jnp
 import optax
 
 from dgr_jax.models import MultiTaskNet
-from dgr_jax.objective import DGRConfig, multitask_loss, paper_dgr_encoder_grads
+from dgr_jax import weighting
+from dgr_jax.objective import DGRConfig, paper_dgr_encoder_grads, task_losses_and_penalty
 from dgr_jax.penalty import init_dummy_sets
 from dgr_jax.tasks import Task
+from dgr_jax.weighting import MTLMethod
 
 PyTree = Any
 
 
 @flax.struct.dataclass
 class TrainState:
-    params: PyTree  # {"encoder": ..., "heads": ...}: what the optimizer updates
+    params: PyTree  # {"encoder", "heads", "method"}: what the optimizer updates
     batch_stats: PyTree
     dummy_sets: PyTree  # K stacked head sets, fixed for the whole run
     opt_state: PyTree
+    method_state: PyTree  # the MTL method's state (DWA's loss history, ...)
     step: jax.Array
     rng: jax.Array
 
 
 def init_train_state(net: MultiTaskNet, optimizer: optax.GradientTransformation, key: jax.Array,
-                     sample_images: jax.Array, num_dummy: int) -> TrainState:
-    """Initialise model, K dummy sets (independent keys) and optimizer state."""
+                     sample_images: jax.Array, num_dummy: int, method: MTLMethod | None = None,
+                     num_tasks: int | None = None) -> TrainState:
+    """Initialise model, K dummy sets (independent keys), method and optimizer state."""
+    method = method or weighting.equal()
     key_model, key_dummy, key_rng = jax.random.split(key, 3)
     variables = net.init(key_model, sample_images, train=False)
-    features, _ = net.apply(variables, sample_images, train=False)
+    features, outputs = net.apply(variables, sample_images, train=False)
     dummy_sets = init_dummy_sets(net.heads, key_dummy, num_dummy, features,
                                  sample_images.shape[1:3], train=False)
-    params = variables["params"]
+    method_params, method_state = method.init(num_tasks or len(outputs))
+    params = {**variables["params"], "method": method_params}
     return TrainState(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         dummy_sets=dummy_sets,
         opt_state=optimizer.init(params),
+        method_state=method_state,
         step=jnp.zeros((), jnp.int32),
         rng=key_rng,
     )
 
 
 def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
-                    optimizer: optax.GradientTransformation):
-    """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated."""
+                    optimizer: optax.GradientTransformation, method: MTLMethod | None = None):
+    """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated.
+
+    The MTL method (``dgr_jax.weighting``) turns task losses (or, for gradient methods,
+    per-task gradients of the encoder) into one gradient; DGR's gradient is added to it
+    afterwards. For loss-weighting methods both happen in one backward pass (the
+    gradient is linear); gradient methods take the per-task encoder gradients with one
+    vmapped VJP over the task cotangents.
+    """
+    method = method or weighting.equal()
+    num_tasks = len(tasks)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_rng = jax.random.split(state.rng)
 
-        def loss(params):
-            return multitask_loss(net, tasks, dgr, params, state.batch_stats, state.dummy_sets,
-                                  batch, dropout_rng)
+        def objective(model_params):
+            per_task, penalty, batch_stats = task_losses_and_penalty(
+                net, tasks, dgr, model_params, state.batch_stats, state.dummy_sets, batch, dropout_rng)
+            return (per_task, dgr.weight * penalty), (penalty, batch_stats)
 
-        (total, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-        metrics = {f"loss/{t.name}": aux["task_losses"][i] for i, t in enumerate(tasks)}
-        metrics["loss/total"] = total
-        metrics["dgr/penalty"] = aux["penalty"]
+        params = state.params
+        model_params = {"encoder": params["encoder"], "heads": params["heads"]}
+        if not method.needs_task_grads:
+            def total_loss(params):
+                (per_task, dgr_term), (penalty, batch_stats) = objective(
+                    {"encoder": params["encoder"], "heads": params["heads"]})
+                total, weights = method.loss(params["method"], per_task, state.method_state)
+                return total + dgr_term, (per_task, weights, penalty, batch_stats)
+
+            (total, (per_task, weights, penalty, batch_stats)), grads = jax.value_and_grad(
+                total_loss, has_aux=True)(params)
+            method_state = state.method_state
+        else:
+            (per_task, dgr_term), vjp, (penalty, batch_stats) = jax.vjp(objective, model_params, has_aux=True)
+            cotangents = jnp.eye(num_tasks + 1, dtype=per_task.dtype)  # one row per task, then DGR
+            rows = jax.vmap(lambda c: vjp((c[:num_tasks], c[num_tasks]))[0])(cotangents)
+            task_grads = jax.tree_util.tree_map(lambda g: g[:num_tasks], rows)
+            dgr_grads = jax.tree_util.tree_map(lambda g: g[num_tasks], rows)
+            (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
+                params["method"], per_task, state.method_state)
+            encoder, method_state = method.combine(task_grads["encoder"], per_task, weights, state.method_state)
+            heads, _ = weighting.weighted_sum(task_grads["heads"], per_task, weights, state.method_state)
+            grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
+            grads["method"] = method_grads
+            total = method_total + dgr_term
         if dgr.method == "paper" and dgr.weight > 0:
-            extra = paper_dgr_encoder_grads(net, tasks, dgr, state.params, state.batch_stats,
+            extra = paper_dgr_encoder_grads(net, tasks, dgr, model_params, state.batch_stats,
                                             state.dummy_sets, batch)
-            metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
+        method_state = method.update(method_state, jax.lax.stop_gradient(per_task))
+        metrics = {f"loss/{t.name}": per_task[i] for i, t in enumerate(tasks)}
+        metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
+        metrics["loss/total"] = total
+        metrics["dgr/penalty"] = penalty
+        if dgr.method == "paper" and dgr.weight > 0:
+            metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
         metrics["grad_norm/encoder"] = optax.tree.norm(grads["encoder"])
         metrics["grad_norm/heads"] = optax.tree.norm(grads["heads"])
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_state = state.replace(
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=aux["batch_stats"],
+            params=optax.apply_updates(params, updates),
+            batch_stats=batch_stats,
             opt_state=opt_state,
+            method_state=method_state,
             step=state.step + 1,
             rng=rng,
         )
         return new_state, metrics
 
     return step
+
+
+def end_epoch(method: MTLMethod, state: TrainState) -> TrainState:
+    """The method's once-per-epoch update (DWA rolls its loss history)."""
+    return state.replace(method_state=method.end_epoch(state.method_state))
+
+
+def make_eval_step(net: MultiTaskNet, tasks: Sequence[Task]):
+    """A pure ``eval_step(state, batch, metric_state) -> metric_state``: inference mode
+    (running BatchNorm statistics, no dropout), statistics accumulated over the whole
+    evaluation set by ``dgr_jax.metrics``."""
+    from dgr_jax import metrics as metric_lib
+
+    def eval_step(state: TrainState, batch: Mapping[str, jax.Array], metric_state):
+        variables = {"params": {"encoder": state.params["encoder"], "heads": state.params["heads"]},
+                     "batch_stats": state.batch_stats}
+        _, outputs = net.apply(variables, batch["image"], train=False)
+        return metric_lib.update_metric_state(tasks, metric_state, outputs, batch)
+
+    return eval_step

@@ -30,7 +30,7 @@ def test_dry_run_prints_full_size_counts(capsys, entry, argv, encoder, heads):
 
 
 def test_entry_points_reject_what_they_cannot_do(capsys):
-    with pytest.raises(SystemExit, match="training is not available yet; use --dry_run"):
+    with pytest.raises(SystemExit, match="no data: pass --data_dir DIR with the NYUv2 .npy folders"):
         nyuv2.main([])
     with pytest.raises(SystemExit) as exit_info:
         utkface.main(["--network", "mtan", "--dry_run"])

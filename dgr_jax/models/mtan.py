@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dgr_jax.models.heads import DenseHeads, torch_conv
-from dgr_jax.models.resnet import Bottleneck, ResNet, batch_norm
+from dgr_jax.models.resnet import STAGE_SIZES, Bottleneck, ResNet, batch_norm
 from dgr_jax.models.split import MultiTaskNet
 
 
@@ -44,6 +44,11 @@ class MTANEncoder(nn.Module):
         if self.backbone.output_stride != 8:
             raise ValueError("MTAN: the backbone must be dilated (output_stride 8), "
                              f"got output_stride {self.backbone.output_stride}")
+        sizes = tuple(self.backbone.stage_sizes or STAGE_SIZES[self.backbone.depth])
+        if sizes[1] < 2:
+            # Stage 2's mask reads the output of its blocks before the last; with one block
+            # that is the stride-4 input, which cannot meet the pooled stage-1 features.
+            raise ValueError(f"MTAN: stage 2 needs at least 2 blocks, got stage_sizes {sizes}")
         channels = self.backbone.out_channels
         stages = self.backbone.stages(x, train, split_last=True)
         # Shared between tasks: bottleneck blocks from stage s's width to stage s+1's.
