@@ -251,7 +251,7 @@ def _plot_curves(workdir: Path, tasks) -> Path | None:
     if not train:
         return None
     keys = [f"loss/{t.name}" for t in tasks] + ["dgr/penalty"]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 1 + len(tasks), figsize=(4.2 * (1 + len(tasks)), 3.8))
     for key in keys:
         points = [(r["step"], r[key]) for r in train if key in r]
         if points and any(v for _, v in points):
@@ -260,14 +260,13 @@ def _plot_curves(workdir: Path, tasks) -> Path | None:
     axes[0].set_yscale("log")
     axes[0].set_title("training losses")
     axes[0].legend(fontsize=8)
-    for t in tasks:
+    for axis, t in zip(axes[1:], tasks):  # one panel per task: the metrics have different scales
         key = metric_lib.headline_key(t)
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
-            axes[1].plot(*zip(*points), marker="o", label=key)
-    axes[1].set_xlabel("step")
-    axes[1].set_title("evaluation (headline metrics)")
-    axes[1].legend(fontsize=8)
+            axis.plot(*zip(*points), marker="o")
+        axis.set_xlabel("step")
+        axis.set_title(f"eval {key}")
     figure.tight_layout()
     path = workdir / "curves.png"
     figure.savefig(path, dpi=100)
@@ -324,6 +323,9 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
         for stale in ("train.jsonl", "eval.jsonl"):
             (workdir / stale).unlink(missing_ok=True)
     reference = config.reference if config.reference is not None else metric_lib.PAPER_SINGLE_TASK.get(config.dataset)
+    if config.reference is None and reference and config.synthetic:
+        log("note: Δm is against the paper's single-task results on the real data set; on built-in data "
+            "pass --reference with your own single-task runs' summary.json for a meaningful Δm")
     writers = Writers(workdir, main_process)
     train_step = parallel.jit_train_step(make_train_step(net, tasks, dgr, optimizer, method), mesh)
     eval_step = jax.jit(make_eval_step(net, tasks))
