@@ -67,8 +67,8 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
     The MTL method (``dgr_jax.weighting``) turns task losses (or, for gradient methods,
     per-task gradients of the encoder) into one gradient; DGR's gradient is added to it
     afterwards. For loss-weighting methods both happen in one backward pass (the
-    gradient is linear); gradient methods take the per-task encoder gradients with one
-    vmapped VJP over the task cotangents.
+    gradient is linear); gradient methods take the per-task gradients with T + 1 VJPs
+    sharing one forward pass.
     """
     method = method or weighting.equal()
     num_tasks = len(tasks)
@@ -96,7 +96,11 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
         else:
             (per_task, dgr_term), vjp, (penalty, batch_stats) = jax.vjp(objective, model_params, has_aux=True)
             cotangents = jnp.eye(num_tasks + 1, dtype=per_task.dtype)  # one row per task, then DGR
-            rows = jax.vmap(lambda c: vjp((c[:num_tasks], c[num_tasks]))[0])(cotangents)
+            # T + 1 backward passes on one forward. Not jax.vmap over the cotangents: under
+            # jit (jax 0.10.2, CPU) that gave wrong gradients for the normal task's row
+            # (tests/test_train.py checks this path against separate jax.grad calls).
+            per_row = [vjp((c[:num_tasks], c[num_tasks]))[0] for c in cotangents]
+            rows = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *per_row)
             task_grads = jax.tree_util.tree_map(lambda g: g[:num_tasks], rows)
             dgr_grads = jax.tree_util.tree_map(lambda g: g[num_tasks], rows)
             (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(

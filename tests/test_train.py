@@ -74,3 +74,45 @@ def test_paper_estimator_approximates_gradient_of_squared_norm(setup):
     a = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(estimate)])
     b = jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(exact)])
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-3
+
+
+def test_gradient_method_path_combines_task_gradients_then_adds_dgr(setup):
+    """A method with ``needs_task_grads`` gets per-task encoder gradients (one vmapped
+    VJP) and DGR's gradient is added after its combination: checked against T separate
+    ``jax.grad`` calls, normalised and summed here, plus lambda * grad P."""
+    from dgr_jax.objective import task_losses_and_penalty
+    from dgr_jax.weighting import MTLMethod, get_method, weighted_sum
+
+    net, batch = setup
+    equal = get_method("equal")
+
+    def normalised_sum(task_grads, task_losses, weights, state):
+        norms = jnp.sqrt(sum(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+                             for g in jax.tree_util.tree_leaves(task_grads)))
+        return jax.tree_util.tree_map(lambda g: jnp.tensordot(1.0 / norms, g, axes=1), task_grads), state
+
+    method = MTLMethod(init=equal.init, loss=equal.loss, combine=normalised_sum, needs_task_grads=True)
+    dgr = DGRConfig(weight=0.3, num_dummy=2)
+    optimizer = optax.sgd(1.0)  # new params = old - grads
+    state = init_train_state(net, optimizer, jax.random.PRNGKey(2), batch["image"], 2, method)
+    new_state, _ = jax.jit(make_train_step(net, NYUV2, dgr, optimizer, method))(state, batch)
+    applied = jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, new_state.params)
+
+    _, dropout_rng = jax.random.split(state.rng)
+    model = {"encoder": state.params["encoder"], "heads": state.params["heads"]}
+
+    def part(model, index):  # task loss `index`, or the weighted penalty for index == T
+        per_task, penalty, _ = task_losses_and_penalty(net, NYUV2, dgr, model, state.batch_stats,
+                                                       state.dummy_sets, batch, dropout_rng)
+        return per_task[index] if index < len(NYUV2) else dgr.weight * penalty
+
+    grads = [jax.grad(part)(model, i) for i in range(len(NYUV2) + 1)]
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g["encoder"])]) for g in grads]
+    want_encoder = sum(f / np.linalg.norm(f) for f in flat[:-1]) + flat[-1]
+    want_heads = sum(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g["heads"])]) for g in grads)
+    got_encoder = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(applied["encoder"])])
+    got_heads = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(applied["heads"])])
+    # float32 model: compare as vectors (per-element noise ~1e-5 of the largest entries).
+    for got, want in ((got_encoder, want_encoder), (got_heads, want_heads)):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+    del weighted_sum

@@ -42,9 +42,7 @@ def read_lines(path):
 
 
 @pytest.mark.parametrize("dataset, network, weighting, dgr_weight", [
-    ("nyuv2", "split", "dwa", 0.1),
     ("nyuv2", "split", "uncertainty", 0.1),
-    ("nyuv2", "split", "equal", 0.0),
     ("nyuv2", "mtan", "equal", 0.1),
     ("cityscapes", "split", "uncertainty", 0.0),
     ("multidigits", "split", "dwa", 0.1),
