@@ -299,3 +299,98 @@ def test_penalty_on_features_equals_penalty_on_full_model(tiny_scene):
     flat_b = jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(grad_b)])
     assert float(jnp.linalg.norm(flat_a - flat_b) / jnp.linalg.norm(flat_b)) < 1e-5
     assert float(jnp.linalg.norm(flat_b)) > 0
+
+
+# ---------------------------------------------------------------------------
+# Fidelity to the original code: auto-lambda's DeepLabHead (no dropout) and PyTorch's
+# BatchNorm running variance, against float64 numpy written from the PyTorch modules.
+
+
+def numpy_conv(x, kernel, dilation=1, bias=None):
+    """'same' convolution, padding dilation * (k // 2), NHWC x HWIO, by summing taps."""
+    k = kernel.shape[0]
+    pad = dilation * (k // 2)
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    height, width = x.shape[1:3]
+    out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+    for i in range(k):
+        for j in range(k):
+            window = padded[:, i * dilation:i * dilation + height, j * dilation:j * dilation + width]
+            out += np.einsum("nhwc,co->nhwo", window, kernel[i, j])
+    return out if bias is None else out + bias
+
+
+def numpy_batch_norm_train(x, params, eps=1e-5):
+    """torch BatchNorm2d in training mode: normalise with the biased batch variance; the
+    running variance is updated with the unbiased one (n / (n - 1))."""
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    n = x.size // x.shape[-1]
+    running_var = 0.9 * 1.0 + 0.1 * var * n / (n - 1)
+    return (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"], 0.1 * mean, running_var
+
+
+def numpy_deeplab_head(x, p, rates):
+    """auto-lambda's DeepLabHead: ASPP(1x1, dilated 3x3 per rate, pooling) -> project
+    (1x1, BN, ReLU; no dropout) -> 3x3, BN, ReLU -> 1x1 with bias. Returns output, stats."""
+    stats = {}
+
+    def conv_bn_relu(inputs, kernel, name, dilation=1):
+        y, mean, var = numpy_batch_norm_train(numpy_conv(inputs, p[f"{name}_conv"]["kernel"], dilation),
+                                              p[f"{name}_bn"])
+        stats[f"{name}_bn"] = {"mean": mean, "var": var}
+        return np.maximum(y, 0.0)
+
+    branches = [conv_bn_relu(x, 1, "aspp_1x1")]
+    branches += [conv_bn_relu(x, 3, f"aspp_rate{r}", r) for r in rates]
+    pooled = conv_bn_relu(x.mean(axis=(1, 2), keepdims=True), 1, "aspp_pool")
+    branches.append(np.broadcast_to(pooled, x.shape[:3] + (pooled.shape[-1],)))
+    y = conv_bn_relu(np.concatenate(branches, axis=-1), 1, "aspp_project")
+    y = conv_bn_relu(y, 3, "conv")
+    return numpy_conv(y, p["classifier"]["kernel"], bias=p["classifier"]["bias"]), stats
+
+
+def test_deeplab_head_in_training_mode_equals_the_original_head_without_dropout():
+    from dgr_jax.models import DeepLabHead
+
+    rates = (1, 2, 3)
+    head = DeepLabHead(num_outputs=5, width=6, rates=rates)
+    x = np.random.default_rng(0).normal(size=(4, 5, 6, 7))
+    variables = head.init(jax.random.PRNGKey(0), jnp.asarray(x), train=False)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+    want, want_stats = numpy_deeplab_head(x, params, rates)
+    outputs = []
+    for seed in (1, 2):  # a dropout would draw from these keys
+        out, updates = head.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.PRNGKey(seed)})
+        outputs.append(np.asarray(out))
+    np.testing.assert_allclose(outputs[0], want, rtol=1e-9, atol=1e-10)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    for name, stats in want_stats.items():  # the pooling branch reduces over n = 4 only: 4/3
+        # (running statistics are stored in float32: 0.9 * 1.0 rounds at 3e-8)
+        np.testing.assert_allclose(updates["batch_stats"][name]["var"], stats["var"], rtol=1e-7)
+        np.testing.assert_allclose(updates["batch_stats"][name]["mean"], stats["mean"], rtol=1e-9, atol=1e-12)
+    # torchvision's dropout stays available as an option, and is then active in training.
+    dropped = DeepLabHead(num_outputs=5, width=6, rates=rates, dropout_rate=0.5)
+    out_a = dropped.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.PRNGKey(1)})[0]
+    assert not np.allclose(out_a, want)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_batch_norm_running_variance_unbiased_as_torch_or_biased_as_flax(unbiased):
+    from dgr_jax.models.batch_norm import BatchNorm
+
+    x = np.random.default_rng(3).normal(2.0, 0.5, size=(4, 1, 1, 3))  # ASPP pooling: n = 4 per channel
+    layer = BatchNorm(unbiased_running_var=unbiased)
+    variables = layer.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    y, updates = layer.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    var = x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(y, (x - x.mean(axis=(0, 1, 2))) / np.sqrt(var + 1e-5), rtol=1e-10)
+    factor = 4 / 3 if unbiased else 1.0
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * factor * var, rtol=1e-7)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-12)
+    # Evaluation normalises with the running statistics.
+    evaluated = BatchNorm(use_running_average=True).apply({**variables, **updates}, jnp.asarray(x))
+    np.testing.assert_allclose(evaluated, (x - 0.1 * x.mean(axis=(0, 1, 2))) / np.sqrt(
+        0.9 + 0.1 * factor * var + 1e-5), rtol=1e-7)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
+from dgr_jax.models.batch_norm import BatchNorm, batch_norm_factory
 from dgr_jax.models.heads import (
     ClassifierHeads,
     DeepLabHead,
@@ -46,8 +47,12 @@ class ModelConfig:
     stage_sizes: tuple[int, ...] | None = None
     head_width: int = 256
     aspp_rates: tuple[int, ...] = (12, 24, 36)
-    dropout_rate: float = 0.5
+    # The original code (auto-lambda's DeepLabHead) has no dropout; torchvision's has 0.5.
+    dropout_rate: float = 0.0
     classifier_hidden: int = 64
+    # BatchNorm running variance: unbiased n/(n-1) update as PyTorch (the original), or
+    # Flax's biased one.
+    bn_unbiased_running_var: bool = True
 
     def __post_init__(self):
         if self.network not in NETWORKS:
@@ -56,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
         if self.network == "mtan" and not self.dilated:
             raise ValueError("ModelConfig: network 'mtan' needs a dilated backbone (dilated=True)")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"ModelConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
 
 def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:
@@ -65,6 +72,7 @@ def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:
         8 if config.dilated else 32,
         config.base_width,
         tuple(config.stage_sizes) if config.stage_sizes else None,
+        norm=batch_norm_factory(config.bn_unbiased_running_var),
     )
     pairs = tuple((task.name, task.channels) for task in tasks)
     if config.network == "classifier":
@@ -105,7 +113,7 @@ def _without_dropout(heads: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "AttentionMask", "BasicBlock", "Bottleneck", "ClassifierHeads", "DeepLabHead", "DenseHeads",
+    "AttentionMask", "BasicBlock", "BatchNorm", "Bottleneck", "ClassifierHeads", "DeepLabHead", "DenseHeads",
     "MTANEncoder", "ModelConfig", "MultiTaskNet", "NETWORKS", "PooledEncoder", "ResNet",
     "bilinear_resize_align_corners", "build_model", "classifier_network", "count_params",
     "heads_apply_fn", "mtan_network", "split_network", "unit_normalize",

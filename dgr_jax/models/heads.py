@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgr_jax.models.resnet import batch_norm
+from dgr_jax.models.batch_norm import BatchNorm
 
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -96,19 +96,22 @@ def torch_dense(features: int, in_features: int, name: str | None = None):
 
 class DeepLabHead(nn.Module):
     """DeepLabV3 head: ASPP (1x1, three dilated 3x3, image pooling; each ``width``
-    channels with BN+ReLU) -> concat -> 1x1 projection (BN, ReLU, dropout) -> 3x3 conv
-    (BN, ReLU) -> 1x1 conv with bias to ``num_outputs``. As torchvision's DeepLabHead."""
+    channels with BN+ReLU) -> concat -> 1x1 projection (BN, ReLU) -> 3x3 conv (BN, ReLU)
+    -> 1x1 conv with bias to ``num_outputs``, as auto-lambda's ``DeepLabHead`` (the
+    original code's). ``dropout_rate > 0`` adds torchvision's dropout after the
+    projection (torchvision's DeepLabHead uses 0.5; the original code has none)."""
 
     num_outputs: int
     width: int = 256
     rates: Sequence[int] = (12, 24, 36)
-    dropout_rate: float = 0.5
+    dropout_rate: float = 0.0
+    norm: Any = BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         def conv_bn_relu(inputs, kernel, dilation, name):
             y = torch_conv(self.width, kernel, inputs.shape[-1], dilation=dilation, name=f"{name}_conv")(inputs)
-            return nn.relu(batch_norm(train, f"{name}_bn")(y))
+            return nn.relu(self.norm(use_running_average=not train, name=f"{name}_bn")(y))
 
         branches = [conv_bn_relu(x, 1, 1, "aspp_1x1")]
         branches += [conv_bn_relu(x, 3, rate, f"aspp_rate{rate}") for rate in self.rates]
@@ -165,14 +168,15 @@ class DenseHeads(nn.Module):
     per_task_features: bool = False
     width: int = 256
     rates: Sequence[int] = (12, 24, 36)
-    dropout_rate: float = 0.5
+    dropout_rate: float = 0.0
+    norm: Any = BatchNorm
 
     @nn.compact
     def __call__(self, features, output_size: tuple[int, int], train: bool = True) -> Mapping[str, jax.Array]:
         outputs = {}
         for task, channels in self.tasks:
             z = features[task] if self.per_task_features else features
-            y = DeepLabHead(channels, self.width, self.rates, self.dropout_rate, name=task)(z, train)
+            y = DeepLabHead(channels, self.width, self.rates, self.dropout_rate, self.norm, name=task)(z, train)
             y = bilinear_resize_align_corners(y, tuple(output_size))
             outputs[task] = unit_normalize(y) if task in self.unit_norm_tasks else y
         return outputs

@@ -13,26 +13,28 @@ PyTorch default init).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dgr_jax.models.batch_norm import BatchNorm
 from dgr_jax.models.heads import DenseHeads, torch_conv
-from dgr_jax.models.resnet import STAGE_SIZES, Bottleneck, ResNet, batch_norm
+from dgr_jax.models.resnet import STAGE_SIZES, Bottleneck, ResNet
 from dgr_jax.models.split import MultiTaskNet
 
 
 class AttentionMask(nn.Module):
     hidden: int
     out: int
+    norm: Any = BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = torch_conv(self.hidden, 1, x.shape[-1], use_bias=True, name="conv1")(x)
-        x = nn.relu(batch_norm(train, "bn1")(x))
+        x = nn.relu(self.norm(use_running_average=not train, name="bn1")(x))
         x = torch_conv(self.out, 1, self.hidden, use_bias=True, name="conv2")(x)
-        return nn.sigmoid(batch_norm(train, "bn2")(x))
+        return nn.sigmoid(self.norm(use_running_average=not train, name="bn2")(x))
 
 
 class MTANEncoder(nn.Module):
@@ -52,12 +54,13 @@ class MTANEncoder(nn.Module):
         channels = self.backbone.out_channels
         stages = self.backbone.stages(x, train, split_last=True)
         # Shared between tasks: bottleneck blocks from stage s's width to stage s+1's.
-        shared_blocks = [Bottleneck(channels[s + 1] // 4, name=f"shared_block{s + 1}") for s in range(3)]
+        norm = self.backbone.norm
+        shared_blocks = [Bottleneck(channels[s + 1] // 4, norm=norm, name=f"shared_block{s + 1}") for s in range(3)]
         attended = {}
         for s, (before_last, stage_out) in enumerate(stages):
             for task in self.tasks:
                 inputs = before_last if s == 0 else jnp.concatenate([before_last, attended[task]], axis=-1)
-                mask = AttentionMask(channels[s] // 4, channels[s], name=f"{task}_att{s + 1}")(inputs, train)
+                mask = AttentionMask(channels[s] // 4, channels[s], norm, name=f"{task}_att{s + 1}")(inputs, train)
                 a = mask * stage_out
                 if s < 3:
                     a = shared_blocks[s](a, train)
@@ -68,8 +71,9 @@ class MTANEncoder(nn.Module):
 
 
 def mtan_network(tasks: Sequence[tuple[str, int]], backbone: ResNet, *, head_width: int = 256,
-                 aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.5,
+                 aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.0,
                  unit_norm_tasks: Sequence[str] = ("normal",)) -> MultiTaskNet:
     names = tuple(name for name, _ in tasks)
-    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), True, head_width, tuple(aspp_rates), dropout_rate)
+    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), True, head_width, tuple(aspp_rates), dropout_rate,
+                       backbone.norm)
     return MultiTaskNet(MTANEncoder(names, backbone), heads)

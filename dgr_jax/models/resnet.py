@@ -13,15 +13,20 @@ spatial sizes match PyTorch exactly.
 Initialisers follow torchvision: convs He-normal (fan_out, ReLU gain), BN scale 1 and
 bias 0. No pretrained weights are loaded (nothing is downloaded here).
 
-Data layout is NHWC; BatchNorm momentum 0.9 and epsilon 1e-5 equal PyTorch's 0.1/1e-5.
+Data layout is NHWC. Every module takes ``norm``, the normalisation layer's constructor
+(``models.batch_norm.BatchNorm``, PyTorch's semantics, by default).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from dgr_jax.models.batch_norm import BatchNorm
+
+NormFactory = Callable[..., Any]
 
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -31,16 +36,6 @@ STAGE_SIZES = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
 }
-
-
-def batch_norm(train: bool, name: str | None = None):
-    """PyTorch's BatchNorm2d: momentum 0.1 (Flax 0.9), epsilon 1e-5. The variance is
-    the two-pass mean((x - mean)^2), not mean(x^2) - mean^2: the latter cancels
-    catastrophically in float32 when a channel's spread is small next to its mean
-    (ASPP's image-pooling branch sees one value per image), and the penalty's second
-    derivatives amplify that error."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False, name=name)
 
 
 def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None):
@@ -65,15 +60,17 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dilation: int = 1
     first_dilation: int = 1
+    norm: NormFactory = BatchNorm
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = True):
+        norm = lambda name: self.norm(use_running_average=not train, name=name)  # noqa: E731
         out = conv(self.width, 3, self.stride, self.first_dilation, name="conv1")(x)
-        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = nn.relu(norm("bn1")(out))
         out = conv(self.width, 3, 1, self.dilation, name="conv2")(out)
-        out = batch_norm(train, "bn2")(out)
-        return nn.relu(out + _shortcut(x, self.width, self.stride, train))
+        out = norm("bn2")(out)
+        return nn.relu(out + _shortcut(x, self.width, self.stride, norm))
 
 
 class Bottleneck(nn.Module):
@@ -83,24 +80,26 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dilation: int = 1
     first_dilation: int = 1
+    norm: NormFactory = BatchNorm
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool = True):
+        norm = lambda name: self.norm(use_running_average=not train, name=name)  # noqa: E731
         out = conv(self.width, 1, name="conv1")(x)
-        out = nn.relu(batch_norm(train, "bn1")(out))
+        out = nn.relu(norm("bn1")(out))
         out = conv(self.width, 3, self.stride, self.first_dilation, name="conv2")(out)
-        out = nn.relu(batch_norm(train, "bn2")(out))
+        out = nn.relu(norm("bn2")(out))
         out = conv(self.width * 4, 1, name="conv3")(out)
-        out = batch_norm(train, "bn3")(out)
-        return nn.relu(out + _shortcut(x, self.width * 4, self.stride, train))
+        out = norm("bn3")(out)
+        return nn.relu(out + _shortcut(x, self.width * 4, self.stride, norm))
 
 
-def _shortcut(x, features: int, stride: int, train: bool):
+def _shortcut(x, features: int, stride: int, norm):
     if stride == 1 and x.shape[-1] == features:
         return x
     projection = conv(features, 1, stride, name="downsample_conv")(x)
-    return batch_norm(train, "downsample_bn")(projection)
+    return norm("downsample_bn")(projection)
 
 
 def stage_plan(depth: int, output_stride: int):
@@ -123,6 +122,7 @@ class ResNet(nn.Module):
     output_stride: int = 32
     base_width: int = 64
     stage_sizes: Sequence[int] | None = None
+    norm: NormFactory = BatchNorm
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -140,7 +140,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: stage_sizes must be four counts >= 1, got {sizes}")
         block_cls = BasicBlock if self.depth < 50 else Bottleneck
         x = conv(self.base_width, 7, 2, name="stem_conv")(x)
-        x = nn.relu(batch_norm(train, "stem_bn")(x))
+        x = nn.relu(self.norm(use_running_average=not train, name="stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outputs = []
         plan = stage_plan(self.depth, self.output_stride)
@@ -152,6 +152,7 @@ class ResNet(nn.Module):
                     stride if b == 0 else 1,
                     dil,
                     first_dil if b == 0 else dil,
+                    norm=self.norm,
                     name=f"layer{index + 1}_{b}",
                 )
                 if b == num_blocks - 1:
@@ -162,8 +163,3 @@ class ResNet(nn.Module):
 
     def __call__(self, x, train: bool = True):
         return self.stages(x, train)[-1]
-
-
-def resnet(depth: int = 50, *, dilated: bool = False, base_width: int = 64, stage_sizes=None) -> ResNet:
-    return ResNet(depth, 8 if dilated else 32, base_width, tuple(stage_sizes) if stage_sizes else None)
-

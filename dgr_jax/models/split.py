@@ -37,10 +37,12 @@ class PooledEncoder(nn.Module):
 
 
 def split_network(tasks: Sequence[tuple[str, int]], backbone: ResNet, *, head_width: int = 256,
-                  aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.5,
+                  aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.0,
                   unit_norm_tasks: Sequence[str] = ("normal",)) -> MultiTaskNet:
-    """Split: a shared (dilated) ResNet, one DeepLabV3 head per dense task."""
-    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), False, head_width, tuple(aspp_rates), dropout_rate)
+    """Split: a shared (dilated) ResNet, one DeepLabV3 head per dense task (heads use the
+    backbone's normalisation layer)."""
+    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), False, head_width, tuple(aspp_rates), dropout_rate,
+                       backbone.norm)
     return MultiTaskNet(backbone, heads)
 
 
