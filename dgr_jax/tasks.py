@@ -1,10 +1,16 @@
 """One record per task: output channels, kind (which loss), invalid/ignore value.
 
-Losses follow the MTL benchmark code the paper builds on: pixel-wise cross-entropy
-over non-ignored pixels for segmentation, L1 over valid pixels for depth/disparity,
-1 - cosine similarity over valid pixels for surface normals, cross-entropy for
-classification. Every mean is over valid elements only, so ignored pixels never dilute
-a loss.
+Losses are those of the code the paper's numbers come from (auto-lambda's
+``compute_loss``, unchanged in the DGR repository): pixel-wise cross-entropy over
+non-ignored pixels for segmentation, L1 over valid pixels for depth/disparity, the L1
+distance between unit normals (summed over the three channels) over valid pixels for
+surface normals, where a pixel is valid when its target's channels do not sum to 0,
+and cross-entropy for classification. Every mean is over valid elements only, so
+ignored pixels never dilute a loss.
+
+A kind may offer other losses, chosen with ``Task.loss_name``: normals also have
+``"cosine"``, ``1 - cos(prediction, target)`` over pixels whose target is not all zero
+(scale-free and bounded; not what the paper trained).
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ import optax
 
 KINDS = ("segmentation", "regression", "normal", "classification")
 
+# Per kind, the losses it offers; the first is the default (the original code's).
+LOSS_NAMES = {
+    "segmentation": ("cross_entropy",),
+    "regression": ("l1",),
+    "normal": ("l1", "cosine"),
+    "classification": ("cross_entropy",),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -25,10 +39,18 @@ class Task:
     channels: int
     kind: str
     invalid: float | int | None = None  # seg: ignore label; regression/normal: invalid value
+    loss_name: str | None = None  # one of LOSS_NAMES[kind]; None: the kind's default
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.loss_name is not None and self.loss_name not in LOSS_NAMES[self.kind]:
+            raise ValueError(f"Task {self.name!r}: loss_name must be one of {LOSS_NAMES[self.kind]} for a "
+                             f"{self.kind} task, got {self.loss_name!r}")
+
+    @property
+    def loss_kind(self) -> str:
+        return self.loss_name or LOSS_NAMES[self.kind][0]
 
     @property
     def loss(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -59,10 +81,17 @@ def _regression_loss(task):
 
 
 def _normal_loss(task):
-    def loss(prediction, target):
-        valid = jnp.any(target != 0, axis=-1)
-        cosine = jnp.sum(prediction * target, axis=-1)
-        return 1.0 - _masked_mean(cosine, valid)
+    if task.loss_kind == "cosine":
+        def loss(prediction, target):
+            valid = jnp.any(target != 0, axis=-1)
+            cosine = jnp.sum(prediction * target, axis=-1)
+            return 1.0 - _masked_mean(cosine, valid)
+
+        return loss
+
+    def loss(prediction, target):  # "l1": sum over channels, mean over valid pixels
+        valid = jnp.sum(target, axis=-1) != 0
+        return _masked_mean(jnp.sum(jnp.abs(prediction - target), axis=-1), valid)
 
     return loss
 
