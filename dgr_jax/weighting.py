@@ -18,10 +18,14 @@ fields, so the train step never asks which method it runs:
     From the per-task gradients of the *shared* parameters, stacked on a leading task
     axis ``(T, ...)``, to one gradient. Default :func:`weighted_sum`, ``sum_t w_t g_t``,
     which is what differentiating ``total`` gives; gradient methods override it.
-``update(state, task_losses) -> state``
-    Once per step, with the step's (detached) task losses. Default: unchanged.
+``update(state, task_losses, num_examples) -> state``
+    Once per step, with the step's (detached) task losses and the number of examples in
+    its batch (a short last batch counts for less). Default: unchanged.
 ``end_epoch(state) -> state``
     Once per epoch, outside or inside jit (pure). Default: unchanged.
+``decay_params``
+    Whether ``params`` get the model's weight decay (the original code puts uncertainty's
+    log-variances in the same SGD parameter group as the network's weights).
 ``needs_task_grads``
     False: the step differentiates ``total + lambda * P`` once (the cheap path; by
     linearity it equals ``weighted_sum`` of the task gradients plus the DGR gradient).
@@ -50,7 +54,7 @@ once (``dgr_term = lambda * P``), ``params = {"encoder", "heads", "method"}``::
         heads, _ = weighted_sum(task_grads["heads"], losses, w, mstate)
         grads = tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)  # DGR last
         grads["method"] = method_grads
-    mstate = method.update(mstate, jax.lax.stop_gradient(losses))
+    mstate = method.update(mstate, jax.lax.stop_gradient(losses), batch_size)
 
 Methods that fall outside one step's gradient (Auto-lambda's meta step on validation
 data, GradNorm's weight update) keep their weights in ``state`` and bring their own
@@ -59,6 +63,7 @@ update function next to this interface.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -82,8 +87,8 @@ def weighted_sum(task_grads: PyTree, task_losses: jax.Array, weights: jax.Array,
     return jax.tree_util.tree_map(combine_leaf, task_grads), state
 
 
-def _unchanged_after_step(state: PyTree, task_losses: jax.Array) -> PyTree:
-    del task_losses
+def _unchanged_after_step(state: PyTree, task_losses: jax.Array, num_examples: int | jax.Array = 1) -> PyTree:
+    del task_losses, num_examples
     return state
 
 
@@ -97,9 +102,10 @@ class MTLMethod(NamedTuple):
     init: Callable[..., tuple[PyTree, PyTree]]
     loss: Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, jax.Array]]
     combine: Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple[PyTree, PyTree]] = weighted_sum
-    update: Callable[[PyTree, jax.Array], PyTree] = _unchanged_after_step
+    update: Callable[..., PyTree] = _unchanged_after_step
     end_epoch: Callable[[PyTree], PyTree] = _unchanged
     needs_task_grads: bool = False
+    decay_params: bool = False
 
 
 def _check_num_tasks(name: str, num_tasks: int) -> None:
@@ -134,14 +140,17 @@ def dwa(temperature: float = 2.0) -> MTLMethod:
     Attention", CVPR 2019).
 
     In epoch ``e`` (0-based) ``w_t = T softmax_t(r_t / temperature)`` with
-    ``r_t = L_t(e-1) / L_t(e-2)``, ``L_t`` the epoch-average training loss of task t
-    (mean over the epoch's steps); ``w_t = 1`` in epochs 0 and 1. The weights are
-    constants for the gradient.
+    ``r_t = L_t(e-1) / L_t(e-2)``, ``L_t`` the epoch-average training loss of task t;
+    ``w_t = 1`` in epochs 0 and 1. The weights are constants for the gradient. The
+    epoch average weighs each step's loss by its batch's number of examples, as the
+    original code's running mean does (a short last batch of b examples in batches of B
+    counts b/B of a step).
 
-    State: ``epoch_losses`` ``(2, T)`` = ``[L(e-2), L(e-1)]``, ``loss_sum`` ``(T,)`` and
-    ``num_steps`` for the current epoch, ``epoch`` (completed epochs). ``update`` adds a
-    step's losses; ``end_epoch`` turns the running sum into ``L(e)`` and rolls the
-    history (an epoch without steps repeats the previous average).
+    State: ``epoch_losses`` ``(2, T)`` = ``[L(e-2), L(e-1)]``, ``loss_sum`` ``(T,)`` (losses
+    times examples) and ``num_steps`` (examples) for the current epoch, ``epoch``
+    (completed epochs). ``update`` adds a step's losses; ``end_epoch`` turns the running
+    sum into ``L(e)`` and rolls the history (an epoch without steps repeats the previous
+    average).
     """
     if not temperature > 0:
         raise ValueError(f"dwa: temperature must be > 0, got {temperature}")
@@ -167,11 +176,12 @@ def dwa(temperature: float = 2.0) -> MTLMethod:
         weights = jax.lax.stop_gradient(weights_of(state)).astype(task_losses.dtype)
         return jnp.sum(weights * task_losses), weights
 
-    def update(state, task_losses):
+    def update(state, task_losses, num_examples=1):
         _check_losses("dwa", task_losses, state["loss_sum"].shape[0])
         step_losses = jax.lax.stop_gradient(task_losses).astype(state["loss_sum"].dtype)
-        return {**state, "loss_sum": state["loss_sum"] + step_losses,
-                "num_steps": state["num_steps"] + 1}
+        count = jnp.asarray(num_examples, jnp.int32)
+        return {**state, "loss_sum": state["loss_sum"] + count.astype(step_losses.dtype) * step_losses,
+                "num_steps": state["num_steps"] + count}
 
     def end_epoch(state):
         num_steps = state["num_steps"]
@@ -187,31 +197,35 @@ def dwa(temperature: float = 2.0) -> MTLMethod:
     return MTLMethod(init=init, loss=loss, update=update, end_epoch=end_epoch)
 
 
-def uncertainty() -> MTLMethod:
+def uncertainty(initial_log_var: float = -0.7, scale: float = 0.5, weight_decay: bool = True) -> MTLMethod:
     """Homoscedastic uncertainty weighting (Kendall, Gal, Cipolla, "Multi-Task Learning
     Using Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018).
 
-    Learnable ``s_t = log sigma_t^2`` (params ``{"log_var": (T,)}``, initialised 0) and
+    Learnable ``w_t`` (params ``{"log_var": (T,)}``) and
 
-        total = sum_t (exp(-s_t) l_t + s_t),    weights = exp(-s_t).
+        total = scale * sum_t (exp(-w_t) l_t + w_t),    weights = scale * exp(-w_t).
 
-    This is twice the ``exp(-s) l / 2 + s / 2`` form of the MTAN / LibMTL code: the same
-    optimum ``s_t* = log l_t``, and at initialisation the weights are 1, as ``equal``.
-    Exclude ``log_var`` from weight decay.
+    The defaults are the original code's (auto-lambda / the DGR repository):
+    ``sum_t l_t / (2 exp(w_t)) + w_t / 2`` from ``w_t = -0.7`` (weights 1.007 at the
+    start), with the log-variances weight-decayed like the network's weights. Kendall et
+    al.'s ``exp(-s) l + s`` from 0, without decay, is ``scale=1.0, initial_log_var=0.0,
+    weight_decay=False``: the same optimum ``w_t* = log l_t``, weights twice as large.
     """
+    if not scale > 0:
+        raise ValueError(f"uncertainty: scale must be > 0, got {scale}")
 
     def init(num_tasks, dtype=jnp.float32):
         _check_num_tasks("uncertainty", num_tasks)
-        return {"log_var": jnp.zeros((num_tasks,), dtype)}, {}
+        return {"log_var": jnp.full((num_tasks,), initial_log_var, dtype)}, {}
 
     def loss(params, task_losses, state):
         del state
         log_var = params["log_var"]
         _check_losses("uncertainty", task_losses, log_var.shape[0])
-        weights = jnp.exp(-log_var)
-        return jnp.sum(weights * task_losses + log_var), weights
+        precision = jnp.exp(-log_var)
+        return scale * jnp.sum(precision * task_losses + log_var), scale * precision
 
-    return MTLMethod(init=init, loss=loss)
+    return MTLMethod(init=init, loss=loss, decay_params=bool(weight_decay))
 
 
 METHODS: dict[str, Callable[..., MTLMethod]] = {
@@ -221,8 +235,18 @@ METHODS: dict[str, Callable[..., MTLMethod]] = {
 }
 
 
-def get_method(name: str, **kwargs) -> MTLMethod:
-    """``METHODS[name](**kwargs)``; an unknown name raises a one-line ValueError."""
+def method_arguments(name: str) -> dict[str, Any]:
+    """The hyper-parameters of ``METHODS[name]`` and their defaults (each paper's values)."""
     if name not in METHODS:
         raise ValueError(f"unknown MTL method {name!r}; valid: {', '.join(METHODS)}")
+    return {p.name: p.default for p in inspect.signature(METHODS[name]).parameters.values()}
+
+
+def get_method(name: str, **kwargs) -> MTLMethod:
+    """``METHODS[name](**kwargs)``; an unknown name or argument raises a one-line ValueError."""
+    known = method_arguments(name)
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise ValueError(f"MTL method {name!r} has no argument {', '.join(unknown)}; its arguments: {listing}")
     return METHODS[name](**kwargs)

@@ -63,10 +63,30 @@ def test_dwa_weights_follow_epoch_average_loss_ratios():
     np.testing.assert_allclose(method.loss(params, losses, state)[1], [3 * v / sum(e) for v in e], rtol=1e-12)
 
 
-def test_uncertainty_total_gradient_and_optimum_match_closed_form():
+def test_uncertainty_defaults_are_the_original_codes_form_from_minus_0_7():
+    """auto-lambda / the DGR repository: total = sum_t l_t / (2 exp(w_t)) + w_t / 2, with
+    logsigma = torch.tensor([-0.7] * T) weight-decayed in the same SGD group."""
     method = uncertainty()
     params, state = method.init(3, F64)
+    np.testing.assert_array_equal(params["log_var"], np.full(3, -0.7))
+    assert method.decay_params
+    losses = jnp.array([0.3, 1.7, 4.0], F64)
+    total, weights = method.loss(params, losses, state)
+    # By hand at w = -0.7: 1 / (2 e^-0.7) = e^0.7 / 2 = 2.0137527... / 2
+    np.testing.assert_allclose(weights, np.full(3, 1.0068763537352383), rtol=1e-14)
+    np.testing.assert_allclose(total, 1.0068763537352383 * 6.0 + 3 * (-0.35), rtol=1e-14)
+    w = np.array([-0.5, 0.2, 1.1])
+    total, weights = method.loss({"log_var": jnp.asarray(w)}, losses, state)
+    l = np.asarray(losses)
+    np.testing.assert_allclose(total, np.sum(l / (2 * np.exp(w)) + w / 2), rtol=1e-14)
+    np.testing.assert_allclose(weights, 1 / (2 * np.exp(w)), rtol=1e-14)
+
+
+def test_uncertainty_kendall_form_total_gradient_and_optimum_match_closed_form():
+    method = get_method("uncertainty", scale=1.0, initial_log_var=0.0, weight_decay=False)
+    params, state = method.init(3, F64)
     np.testing.assert_array_equal(params["log_var"], np.zeros(3))
+    assert not method.decay_params
     losses = jnp.array([0.3, 1.7, 4.0], F64)
     log_var = jnp.array([-0.5, 0.2, 1.1], F64)
     total, weights = method.loss({"log_var": log_var}, losses, state)
@@ -86,6 +106,22 @@ def test_uncertainty_total_gradient_and_optimum_match_closed_form():
     np.testing.assert_allclose(jax.grad(total_of)(optimum, losses)["log_var"], np.zeros(3), atol=1e-14)
     for shift in (-0.1, 0.1):
         assert float(total_of({"log_var": jnp.log(losses) + shift}, losses)) > float(total_of(optimum, losses))
+
+
+def test_dwa_epoch_average_weighs_a_short_last_batch_by_its_size():
+    """The original's running mean: r = n / (n + b/B), m = r m + (1 - r) loss, per step."""
+    method = dwa()
+    _, state = method.init(2, F64)
+    steps = [([1.0, 4.0], 4), ([3.0, 2.0], 4), ([0.5, 9.0], 2)]  # batches of 4, 4 and a short one of 2
+    running, counter = np.zeros(2), 0
+    for losses, size in steps:
+        state = method.update(state, jnp.asarray(losses, F64), size)
+        r = counter / (counter + size / 4)
+        running = r * running + (1 - r) * np.asarray(losses)
+        counter += 1
+    state = method.end_epoch(state)
+    np.testing.assert_allclose(state["epoch_losses"][1], running, rtol=1e-14)
+    np.testing.assert_allclose(running, [(4 + 12 + 1) / 10, (16 + 8 + 18) / 10], rtol=1e-14)
 
 
 def test_weighted_sum_combine_matches_numpy():
