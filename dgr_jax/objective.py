@@ -8,7 +8,8 @@ same single backward pass (DESIGN rule 1).
 
 ``paper_dgr_encoder_grads`` is the original algorithm, kept for comparison: per dummy
 set the whole model runs forward again with the perturbed dummy set and two more
-backward passes go through the encoder.
+backward passes go through the encoder. ``repeat_running_stats_update`` reproduces the
+side effect of those extra train-mode forwards on the BatchNorm running statistics.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgr_jax.models import MultiTaskNet, heads_apply_fn
+from dgr_jax.models import MTANEncoder, MultiTaskNet, heads_apply_fn
+from dgr_jax.models.batch_norm import MOMENTUM
 from dgr_jax.penalty import METHODS, heads_penalty
 from dgr_jax.tasks import Task, task_losses
 
@@ -30,7 +32,10 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class DGRConfig:
     """``weight`` is lambda (0 turns DGR off). ``method``: a ``dgr_penalty`` method, or
-    ``"paper"`` for the original finite-difference algorithm (``paper_dgr_encoder_grads``)."""
+    ``"paper"`` for the original finite-difference algorithm (``paper_dgr_encoder_grads``).
+    ``squared``: penalise ``||g||^2`` instead of ``||g||``. The original code's update is
+    ``DGRConfig(method="paper", squared=True, num_dummy=1, fd_eps=1e-3)``; the paper's text
+    (and our default) is the norm with K = 3."""
 
     weight: float = 0.0
     num_dummy: int = 3
@@ -107,10 +112,17 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
     """The original code's DGR gradient for the encoder parameters.
 
     For dummy set d with loss L_d: ``g = grad_phi L_d``, ``G = grad_theta L_d(phi)``,
-    ``phi+ = phi + (eps/||g||) g``, ``G+ = grad_theta L_d(phi+)``; the encoder gradient
-    added is ``lambda/K * 2 (G+ - G)(L_d(phi+) - L_d(phi)) / eps^2``, an estimate of the
-    gradient of ``||g||^2``. Each dummy set runs the whole model forward twice and
-    backward twice through the encoder; nothing is shared between sets.
+    ``phi+ = phi + (eps/||g||) g``, ``G+ = grad_theta L_d(phi+)``. With ``dgr.squared``
+    the encoder gradient added is ``lambda/K * 2 (G+ - G)(L_d(phi+) - L_d(phi)) / eps^2``,
+    an estimate of the gradient of ``||g||^2`` (the DGR repository's ``compute_hessian``);
+    without, ``lambda/K * (G+ - G) / eps``, the same finite difference for ``||g||``.
+    Each dummy set runs the whole model forward twice and backward twice through the
+    encoder; nothing is shared between sets.
+
+    On MTAN the original adds this gradient to the ResNet trunk only (its
+    ``encoder_parameter()`` selects names containing "shared"), not to the attention
+    masks and attention blocks; so does this function. The exact methods differentiate
+    the penalty with respect to every encoder parameter.
     """
     images = batch["image"]
     losses = task_losses(tasks)
@@ -133,10 +145,35 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
         norm = optax.tree.norm(g_phi)
         shifted = jax.tree_util.tree_map(lambda p, g: p + (eps / norm) * g, dummy_params, g_phi)
         value_plus, g_theta_plus = jax.value_and_grad(dummy_loss)(params["encoder"], shifted)
-        scale = 2.0 * (value_plus - value) / eps**2
+        scale = 2.0 * (value_plus - value) / eps**2 if dgr.squared else 1.0 / eps
         return jax.tree_util.tree_map(lambda gp, g: scale * (gp - g), g_theta_plus, g_theta)
 
     # A Python loop, as the original. (Under lax.scan XLA:CPU ran this step ~10x slower.)
     per_set = [one_set(jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets)) for k in range(dgr.num_dummy)]
     summed = jax.tree_util.tree_map(lambda *gs: sum(gs), *per_set)
-    return jax.tree_util.tree_map(lambda g: g * (dgr.weight / dgr.num_dummy), summed)
+    grads = jax.tree_util.tree_map(lambda g: g * (dgr.weight / dgr.num_dummy), summed)
+    if isinstance(net.encoder, MTANEncoder):
+        grads = {name: (tree if name == "backbone" else jax.tree_util.tree_map(jnp.zeros_like, tree))
+                 for name, tree in grads.items()}
+    return grads
+
+
+def repeat_running_stats_update(old: PyTree, updated: PyTree, repeats: int, momentum: float = MOMENTUM) -> PyTree:
+    """Running statistics after ``1 + repeats`` updates with the same batch statistics.
+
+    ``updated = m * old + (1 - m) * b`` is one BatchNorm update. The original algorithm
+    runs the whole model forward once more, in training mode, for each of its K dummy
+    sets, with the same parameters on the same batch, so every BatchNorm layer (encoder
+    and task heads) folds the same ``b`` in ``K + 1`` times per step:
+    ``m^(K+1) old + (1 - m^(K+1)) b``, i.e. an effective momentum of ``1 - 0.9^(K+1)``
+    (0.19 for K = 1) instead of 0.1.
+    """
+    if repeats == 0:
+        return updated
+    keep = momentum ** (repeats + 1)
+    total = (1 - keep) / (1 - momentum)  # (1 - m^(K+1)) b = total * (1 - m) b
+
+    def repeat(o, u):
+        return keep * o + total * (u - momentum * o)
+
+    return jax.tree_util.tree_map(repeat, old, updated)

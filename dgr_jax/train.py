@@ -4,7 +4,8 @@ The step differentiates ``objective.multitask_loss`` once with respect to the en
 and task-head parameters; the dummy sets live in the state but are never
 differentiated, updated or decayed. With ``dgr.method == "paper"`` the original
 finite-difference algorithm supplies the encoder's DGR gradient instead, added after
-the task gradients (as the original code does).
+the task gradients (as the original code does), and the BatchNorm running statistics
+are updated K + 1 times, as the original's extra train-mode forwards update them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import optax
 
 from dgr_jax.models import MultiTaskNet
 from dgr_jax import weighting
-from dgr_jax.objective import DGRConfig, paper_dgr_encoder_grads, task_losses_and_penalty
+from dgr_jax.objective import (DGRConfig, paper_dgr_encoder_grads, repeat_running_stats_update,
+                               task_losses_and_penalty)
 from dgr_jax.penalty import init_dummy_sets
 from dgr_jax.tasks import Task
 from dgr_jax.weighting import MTLMethod
@@ -114,7 +116,8 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
             extra = paper_dgr_encoder_grads(net, tasks, dgr, model_params, state.batch_stats,
                                             state.dummy_sets, batch)
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
-        method_state = method.update(method_state, jax.lax.stop_gradient(per_task))
+            batch_stats = repeat_running_stats_update(state.batch_stats, batch_stats, dgr.num_dummy)
+        method_state = method.update(method_state, jax.lax.stop_gradient(per_task), batch["image"].shape[0])
         metrics = {f"loss/{t.name}": per_task[i] for i, t in enumerate(tasks)}
         metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
         metrics["loss/total"] = total
