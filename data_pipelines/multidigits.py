@@ -162,7 +162,7 @@ class MultiDigitsDataset:
 
 
 def make_dataset(split: str, batch_size: int, *, augment: bool = False, seed: int = 0, epoch: int = 0,
-                 start_step: int = 0, num_pairs: int | None = None, drop_remainder: bool | None = None,
+                 start_step: int = 0, num_pairs: int | None = None, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None) -> MultiDigitsDataset:
     """One epoch of MultiDigits ``split`` (default canvas 12 x 24; pairs from ``build_pairs``
     with its default seed, so ``seed`` here only orders the epoch).
@@ -170,7 +170,7 @@ def make_dataset(split: str, batch_size: int, *, augment: bool = False, seed: in
     Yields dict batches of numpy arrays: ``image`` float32 (B, 12, 24, 1) in [-1, 1];
     ``left``, ``right`` int32 (B,). "train" is shuffled by ``(seed, epoch)``
     (``common.epoch_order``), "test" is in pair order; ``start_step`` skips the first
-    batches of the epoch exactly; ``drop_remainder`` defaults to True for "train" only;
+    batches of the epoch exactly; a short last batch is kept unless ``drop_remainder``;
     this process reads its shard (``jax.process_index()`` of ``jax.process_count()``
     unless given; with ``drop_remainder`` every process yields the same number of
     batches). ``augment`` is accepted for the common interface and does nothing: the
@@ -182,5 +182,5 @@ def make_dataset(split: str, batch_size: int, *, augment: bool = False, seed: in
     train = split == "train"
     return MultiDigitsDataset(
         pairs, batch_size, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=train if drop_remainder is None else drop_remainder, shuffle=train,
+        drop_remainder=drop_remainder, shuffle=train,
         process_index=process_index, process_count=process_count)

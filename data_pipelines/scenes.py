@@ -23,11 +23,13 @@ prepares it again and the user's folder is never written to.
 
 Reading: random access into the prepared records in this epoch's seeded order
 (``common.epoch_order``), so shuffling is global, ``start_step`` skips exactly, and
-a process reads only its shard. Augmentation (train) runs in TF ops with stateless
-random numbers seeded by (seed, epoch, example index): scale from {1.0, 1.2, 1.5},
-crop back to the training size, horizontal flip with p = 0.5 (normal x negated);
-depth / scale, disparity * scale; labels, depth and disparity resized with nearest
-neighbour, image and normal bilinearly.
+a process reads only its shard. Augmentation (train) is the original code's
+(auto-lambda's ``DataTransform``), in TF ops with stateless random numbers seeded by
+(seed, epoch, example index): NYUv2 a scale from {1.0, 1.2, 1.5} (sizes truncated,
+345x460 at 1.2), a crop back to 288x384; Cityscapes a 256x256 crop at scale 1; then a
+horizontal flip with p = 0.5 (normal x negated); depth / scale, disparity * scale; the
+image resized bilinearly, every other field by PyTorch's legacy nearest-neighbour rule
+(see ``Augmentation``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import tensorflow_datasets as tfds
 from data_pipelines import common
 from data_pipelines.common import DataError
 
-SCALES = (1.0, 1.2, 1.5)
 FORMAT_VERSION = "1.0.0"
 
 
@@ -57,12 +58,55 @@ class Field:
     channels: int | None  # trailing channel axis; None for (H, W) labels
 
 
+RESIZE_RULES = ("legacy", "half_pixel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: random scale from ``scales``, random crop, flip p = 0.5.
+
+    ``scales``: the resized size is ``(int(H * s), int(W * s))``, truncated as the
+    original code does (``resize_rule="legacy"``) or rounded (``"half_pixel"``).
+    ``crop``: the crop's size as fractions of the stored ``(H, W)`` (Cityscapes in the
+    original: 256x256 crops of the 256x512 images, ``(1.0, 0.5)``).
+    ``resize_rule``: ``"legacy"`` (default, the original's torchvision ``resize``): the
+    image bilinear with half-pixel centres, every other field (labels, depth, disparity,
+    normals) nearest neighbour by PyTorch's legacy rule ``src = floor(dst * in / out)``
+    in float32; ``"half_pixel"``: nearest neighbour with half-pixel centres
+    (``src = floor((dst + 0.5) * in / out)``, symmetric, TF's rule) and rounded sizes.
+    Normals are always resized by nearest neighbour, so valid normals stay unit vectors
+    and invalid (all-zero) ones stay zero.
+    """
+
+    scales: tuple[float, ...] = (1.0, 1.2, 1.5)
+    crop: tuple[float, float] = (1.0, 1.0)
+    resize_rule: str = "legacy"
+
+    def __post_init__(self):
+        if not self.scales or min(self.scales) < 1.0:
+            raise ValueError(f"Augmentation: scales must be >= 1 (the crop never pads), got {self.scales}")
+        if not all(0.0 < c <= 1.0 for c in self.crop) or len(self.crop) != 2:
+            raise ValueError(f"Augmentation: crop must be two fractions in (0, 1], got {self.crop}")
+        if self.resize_rule not in RESIZE_RULES:
+            raise ValueError(f"Augmentation: resize_rule must be one of {RESIZE_RULES}, got {self.resize_rule!r}")
+
+    def crop_size(self, height: int, width: int) -> tuple[int, int]:
+        return max(1, int(height * self.crop[0])), max(1, int(width * self.crop[1]))
+
+    def resized_sizes(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
+        """The resized ``(h, w)`` per scale, in Python floats as the original's
+        ``int(raw_h * sc)`` (288 x 1.2 = 345.6 -> 345)."""
+        size = int if self.resize_rule == "legacy" else round
+        return tuple((size(height * s), size(width * s)) for s in self.scales)
+
+
 @dataclasses.dataclass(frozen=True)
 class SceneFormat:
     name: str
     fields: tuple[Field, ...]
     num_classes: Mapping[str, int]  # label fields: classes (values 0..n-1, or -1)
     splits: tuple[str, ...] = ("train", "val")
+    augmentation: Augmentation = Augmentation()  # the original code's training augmentation
 
 
 NYUV2 = SceneFormat(
@@ -70,12 +114,15 @@ NYUV2 = SceneFormat(
     (Field("image", "image", "image", 3), Field("seg", "label", "label", None),
      Field("depth", "depth", "depth", 1), Field("normal", "normal", "normal", 3)),
     {"seg": 13},
+    augmentation=Augmentation(scales=(1.0, 1.2, 1.5)),
 )
 CITYSCAPES = SceneFormat(
     "cityscapes",
     (Field("image", "image", "image", 3), Field("seg", "label_19", "label", None),
      Field("part_seg", "part_seg", "label", None), Field("disp", "depth", "disp", 1)),
     {"seg": 19, "part_seg": 10},
+    # auto-lambda: random 256x256 crops of the 256x512 images at scale 1, and flips.
+    augmentation=Augmentation(scales=(1.0,), crop=(1.0, 0.5)),
 )
 FORMATS = {f.name: f for f in (NYUV2, CITYSCAPES)}
 
@@ -254,34 +301,53 @@ def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = (
 # ---------------------------------------------------------------------------
 # Augmentation (TF ops, stateless random numbers).
 
+def legacy_nearest_indices(out_size, in_size):
+    """PyTorch's legacy ``nearest`` source indices: ``min(floor(dst * (in / out)), in - 1)``
+    with the ratio and the product in float32, as ATen computes them."""
+    ratio = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    source = tf.cast(tf.floor(tf.cast(tf.range(out_size), tf.float32) * ratio), tf.int32)
+    return tf.minimum(source, in_size - 1)
+
 
 def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf.Tensor,
-                    scales: Sequence[float] = SCALES) -> dict[str, tf.Tensor]:
-    """Random scale + crop back to size + horizontal flip, as DESIGN §4.
+                    augmentation: Augmentation | None = None) -> dict[str, tf.Tensor]:
+    """Random scale, crop and horizontal flip (``Augmentation``; the format's default).
 
     ``seed``: shape-(2,) int seed for the stateless ops. Returns a new dict with the same
-    keys, shapes and dtypes; also ``scale`` and ``flip`` (for tests and logging).
+    keys and dtypes (spatial size that of the crop); also ``scale`` and ``flip`` (for
+    tests and logging). Normals' x component is negated by the flip, depth divided by the
+    scale and disparity multiplied by it; invalid values (depth 0, disparity -1, normal
+    0) stay invalid.
     """
+    aug = augmentation or fmt.augmentation
     seeds = tf.random.experimental.stateless_split(seed, 4)
     height, width = example["image"].shape[0], example["image"].shape[1]
-    choice = tf.random.stateless_uniform([], seeds[0], 0, len(scales), dtype=tf.int32)
-    scale = tf.gather(tf.constant(scales, tf.float32), choice)
-    new_h = tf.cast(tf.round(height * scale), tf.int32)
-    new_w = tf.cast(tf.round(width * scale), tf.int32)
-    top = tf.random.stateless_uniform([], seeds[1], 0, new_h - height + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[2], 0, new_w - width + 1, dtype=tf.int32)
+    crop_h, crop_w = aug.crop_size(height, width)
+    sizes = aug.resized_sizes(height, width)
+    choice = tf.random.stateless_uniform([], seeds[0], 0, len(aug.scales), dtype=tf.int32)
+    scale = tf.gather(tf.constant(aug.scales, tf.float32), choice)
+    new_h = tf.gather(tf.constant([h for h, _ in sizes], tf.int32), choice)
+    new_w = tf.gather(tf.constant([w for _, w in sizes], tf.int32), choice)
+    top = tf.random.stateless_uniform([], seeds[1], 0, new_h - crop_h + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[2], 0, new_w - crop_w + 1, dtype=tf.int32)
     flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
     kinds = {f.key: f.kind for f in fmt.fields}
+    if aug.resize_rule == "legacy":  # source rows / columns of the crop, shared by every field
+        rows = legacy_nearest_indices(new_h, height)[top:top + crop_h]
+        cols = legacy_nearest_indices(new_w, width)[left:left + crop_w]
     out = {}
     for key, value in example.items():
         kind = kinds.get(key)
         if kind is None:
             out[key] = value
             continue
-        x = value[..., None] if kind == "label" else value
-        method = "bilinear" if kind in ("image", "normal") else "nearest"
-        x = tf.image.resize(tf.cast(x, tf.float32), tf.stack([new_h, new_w]), method=method)
-        x = x[top:top + height, left:left + width]
+        x = tf.cast(value[..., None] if kind == "label" else value, tf.float32)
+        if kind == "image":
+            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear")[top:top + crop_h, left:left + crop_w]
+        elif aug.resize_rule == "legacy":
+            x = tf.gather(tf.gather(x, rows, axis=0), cols, axis=1)
+        else:
+            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="nearest")[top:top + crop_h, left:left + crop_w]
         x = tf.cond(flip, lambda x=x: tf.reverse(x, axis=[1]), lambda x=x: x)
         if kind == "normal":
             x = x * tf.cond(flip, lambda: tf.constant([-1.0, 1.0, 1.0]), lambda: tf.ones(3))
@@ -291,7 +357,7 @@ def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf
             x = tf.where(x == -1.0, x, x * scale)  # -1 (invalid) stays -1
         if kind == "label":
             x = tf.cast(x[..., 0], value.dtype)
-        x.set_shape(value.shape)
+        x.set_shape((crop_h, crop_w) + tuple(value.shape[2:]))
         out[key] = x
     out["scale"], out["flip"] = scale, flip
     return out
@@ -312,8 +378,10 @@ class SceneDataset:
 
     def __init__(self, fmt: SceneFormat, builder: SceneFolder, split: str, batch_size: int, *,
                  augment: bool, seed: int, epoch: int, start_step: int, drop_remainder: bool,
-                 shuffle: bool, process_index: int | None, process_count: int | None):
+                 shuffle: bool, process_index: int | None, process_count: int | None,
+                 augmentation: Augmentation | None = None):
         self.fmt, self.split, self.batch_size = fmt, split, batch_size
+        self.augmentation = augmentation or fmt.augmentation
         self.height, self.width = builder.builder_config.height, builder.builder_config.width
         self._source = builder.as_data_source(split=split)
         if batch_size < 1:
@@ -354,7 +422,7 @@ class SceneDataset:
         def finish(example):
             if self._augment:
                 seed = tf.stack([tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]])
-                example = augment_example(example, self.fmt, seed)
+                example = augment_example(example, self.fmt, seed, self.augmentation)
                 example.pop("scale"), example.pop("flip")
             out = {"image": example["image"] * 2.0 - 1.0, "index": example["index"]}
             for field in fields[1:]:
@@ -374,15 +442,20 @@ class SceneDataset:
 
 def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size: int, *,
                  augment: bool | None = None, seed: int = 0, epoch: int = 0, start_step: int = 0,
-                 drop_remainder: bool | None = None, shuffle: bool | None = None,
+                 drop_remainder: bool = False, shuffle: bool | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 cache_dir: str | Path | None = None, verbose: bool = True) -> SceneDataset:
+                 cache_dir: str | Path | None = None, verbose: bool = True,
+                 augmentation: Augmentation | None = None) -> SceneDataset:
     """One epoch of ``split`` from a ``.npy`` folder in ``fmt``'s layout (module docstring).
 
-    ``augment``, ``shuffle`` and ``drop_remainder`` default to True for "train" and
-    False otherwise. The order depends only on ``(seed, epoch)``; ``start_step`` skips the
-    first batches of that epoch exactly. This process reads its shard of the split
-    (``jax.process_index()`` of ``jax.process_count()`` unless given).
+    ``augment`` and ``shuffle`` default to True for "train" and False otherwise;
+    ``augmentation`` to the format's (the original code's). A short last batch is kept,
+    as the original's data loader keeps it; ``drop_remainder=True`` drops it, and then
+    every process yields the same number of batches (with it kept, process shards that
+    differ by one example can differ by one batch). The order depends only on
+    ``(seed, epoch)``; ``start_step`` skips the first batches of that epoch exactly. This
+    process reads its shard of the split (``jax.process_index()`` of
+    ``jax.process_count()`` unless given).
     """
     if split not in fmt.splits:
         raise ValueError(f"{fmt.name} make_dataset: unknown split {split!r}; choose from {fmt.splits}")
@@ -391,6 +464,5 @@ def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size:
     return SceneDataset(
         fmt, builder, split, batch_size,
         augment=train if augment is None else augment, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=train if drop_remainder is None else drop_remainder,
-        shuffle=train if shuffle is None else shuffle,
-        process_index=process_index, process_count=process_count)
+        drop_remainder=drop_remainder, shuffle=train if shuffle is None else shuffle,
+        process_index=process_index, process_count=process_count, augmentation=augmentation)

@@ -240,7 +240,7 @@ class UTKFaceDataset:
 
 
 def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: bool = False, seed: int = 0,
-                 epoch: int = 0, start_step: int = 0, image_size: int = 64, drop_remainder: bool | None = None,
+                 epoch: int = 0, start_step: int = 0, image_size: int = 64, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None) -> UTKFaceDataset:
     """One epoch of UTKFace ``split`` ("train", "test" or its alias "val") from ``data_dir``.
 
@@ -248,9 +248,10 @@ def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: 
     ImageNet-normalised; ``age`` (0..6), ``gender`` (0..1), ``ethnicity`` (0..4) int32 (B,).
     "train" is shuffled by ``(seed, epoch)`` (``common.epoch_order``), "test" keeps file
     name order; ``start_step`` skips the first batches of the epoch exactly;
-    ``drop_remainder`` defaults to True for "train" only. This process reads its shard
-    (``jax.process_index()`` of ``jax.process_count()`` unless given); with
-    ``drop_remainder`` every process yields the same number of batches. ``augment``: random
+    a short last batch is kept (as PyTorch's data loader keeps it) unless
+    ``drop_remainder``. This process reads its shard (``jax.process_index()`` of
+    ``jax.process_count()`` unless given); with ``drop_remainder`` every process yields
+    the same number of batches. ``augment``: random
     horizontal flip, p = 0.5, seeded by (seed, epoch, example) (``flip_flags``).
     A file that fails to decode raises DataError naming it when its batch is reached.
     """
@@ -261,7 +262,7 @@ def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: 
     return UTKFaceDataset(
         data_dir, paths, labels, split, batch_size, augment=augment, seed=seed, epoch=epoch,
         start_step=start_step, image_size=image_size,
-        drop_remainder=train if drop_remainder is None else drop_remainder, shuffle=train,
+        drop_remainder=drop_remainder, shuffle=train,
         process_index=process_index, process_count=process_count)
 
 

@@ -77,9 +77,10 @@ def test_batches_shapes_scaling_and_labels():
     assert image.min() == -1.0 and image.max() == 1.0
     np.testing.assert_array_equal(np.concatenate([b["left"] for b in batches]), DIGITS.target[pairs["left_index"]])
 
-    train = multidigits.make_dataset("train", 64, num_pairs=200)  # 3 full batches, 8 dropped
+    train = multidigits.make_dataset("train", 64, num_pairs=200)  # 3 full batches and a short one of 8
     batches = list(train)
-    assert len(batches) == 3 and all(b["image"].shape == (64, 12, 24, 1) for b in batches)
+    assert [b["image"].shape for b in batches] == [(64, 12, 24, 1)] * 3 + [(8, 12, 24, 1)]
+    assert len(list(multidigits.make_dataset("train", 64, num_pairs=200, drop_remainder=True))) == 3
     rows = train.indices
     np.testing.assert_array_equal(np.concatenate([b["right"] for b in batches]),
                                   DIGITS.target[multidigits.build_pairs("train", num_pairs=200)["right_index"][rows]])
@@ -101,8 +102,8 @@ def test_order_resume_and_augment_noop():
     assert not np.array_equal(full[0]["left"], other[0]["left"]) or not np.array_equal(full[0]["image"], other[0]["image"])
     for k in (1, 4, 9):
         _same(run(seed=3, epoch=1, start_step=k), full[k:])
-    with pytest.raises(ValueError, match="start_step"):
-        multidigits.make_dataset("train", 32, num_pairs=300, start_step=10)
+    with pytest.raises(ValueError, match="start_step"):  # 300 pairs: 10 batches, the last short
+        multidigits.make_dataset("train", 32, num_pairs=300, start_step=11)
     with pytest.raises(ValueError, match="batch_size"):
         multidigits.make_dataset("train", 0, num_pairs=300)
 

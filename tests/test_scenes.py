@@ -103,10 +103,10 @@ def test_seeded_order_resume_and_process_shards(tmp_path):
     assert len(resumed) == len(full) - 2
     for a, b in zip(full[2:], resumed):  # same examples and the same augmentation
         np.testing.assert_array_equal(a, b)
-    shards = [sum(indices(seed=3, process_index=p, process_count=3), []) for p in range(3)]
+    shards = [sum(indices(seed=3, process_index=p, process_count=3, drop_remainder=True), []) for p in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]  # every process the same number of batches
     shards_no_drop = [sum((b["index"].tolist() for b in scenes.make_dataset(
-        scenes.NYUV2, data, "train", 2, process_index=p, process_count=3, drop_remainder=False, **kw)), [])
-        for p in range(3)]
+        scenes.NYUV2, data, "train", 2, process_index=p, process_count=3, **kw)), []) for p in range(3)]
     assert sorted(sum(shards_no_drop, [])) == list(range(10))  # disjoint and covering
     assert all(set(a) <= set(b) for a, b in zip(shards, shards_no_drop))
     assert [len(s) for s in shards_no_drop] == [3, 4, 3]
@@ -140,6 +140,7 @@ def constant_example(fmt, depth=2.0, disp=3.0):
 @pytest.mark.parametrize("fmt", [scenes.NYUV2, scenes.CITYSCAPES], ids=lambda f: f.name)
 def test_augmentation_scale_crop_flip_and_value_rules(fmt):
     example = constant_example(fmt)
+    crop_h, crop_w = (H, W) if fmt.name == "nyuv2" else (H, W // 2)  # Cityscapes: 256x256 of 256x512
     scales, flips = [], []
     for s in range(60):
         out = scenes.augment_example(example, fmt, tf.constant([7, s], tf.int64))
@@ -147,17 +148,16 @@ def test_augmentation_scale_crop_flip_and_value_rules(fmt):
         scales.append(scale)
         flips.append(flip)
         for key, value in example.items():
-            assert out[key].shape == value.shape and out[key].dtype == value.dtype
+            assert out[key].dtype == value.dtype
+            assert out[key].shape == ((crop_h, crop_w) + tuple(value.shape[2:]) if value.shape.rank else ())
         for field in fmt.fields[1:]:
             got = out[field.key].numpy()
             if field.kind == "label":  # nearest neighbour: only original class values
                 assert set(np.unique(got)) <= set(range(fmt.num_classes[field.key]))
-            elif field.kind == "normal":
+            elif field.kind == "normal":  # nearest neighbour: each pixel a copy of a source pixel
                 valid = np.any(got != 0, axis=-1)
-                # Bilinear at the valid/invalid boundary mixes; away from it the x sign flips only.
-                inner = got[np.abs(got[..., 2] - 0.8) < 1e-6]
-                np.testing.assert_allclose(inner[:, 0], -0.6 if flip else 0.6, atol=1e-6)
-                np.testing.assert_allclose(inner[:, 1], 0.0, atol=1e-7)
+                np.testing.assert_array_equal(got[valid], np.tile(np.float32([-0.6 if flip else 0.6, 0.0, 0.8]), (valid.sum(), 1)))
+                np.testing.assert_array_equal(got[~valid], 0.0)
                 assert valid.any() and (~valid).any()
             elif field.kind == "depth":
                 assert np.all((got == 0.0) | np.isclose(got, 2.0 / scale, rtol=1e-6))
@@ -165,7 +165,7 @@ def test_augmentation_scale_crop_flip_and_value_rules(fmt):
             elif field.kind == "disp":
                 assert np.all((got == -1.0) | np.isclose(got, 3.0 * scale, rtol=1e-6))
                 assert (got > 0).any()
-        if scale == 1.0:  # a pure flip (or nothing): compare with numpy
+        if scale == 1.0 and crop_w == W:  # a pure flip (or nothing): compare with numpy
             for key in ("image",) + tuple(f.key for f in fmt.fields[1:]):
                 want = example[key].numpy()
                 if flip:
@@ -173,12 +173,84 @@ def test_augmentation_scale_crop_flip_and_value_rules(fmt):
                     if key == "normal":
                         want[..., 0] *= -1
                 np.testing.assert_allclose(out[key].numpy(), want, atol=1e-6, err_msg=key)
-    assert {round(s, 4) for s in scales} == {1.0, 1.2, 1.5}
+    assert {round(s, 4) for s in scales} == ({1.0, 1.2, 1.5} if fmt.name == "nyuv2" else {1.0})
     assert 15 < sum(flips) < 45
     # Same seed, same result.
     a = scenes.augment_example(example, fmt, tf.constant([1, 2], tf.int64))
     b = scenes.augment_example(example, fmt, tf.constant([1, 2], tf.int64))
     np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_resized_sizes_truncate_as_the_original():
+    # int(288 * 1.2) = int(345.6) = 345, int(384 * 1.2) = 460; rounding would give 346 x 461.
+    assert scenes.NYUV2.augmentation.resized_sizes(288, 384) == ((288, 384), (345, 460), (432, 576))
+    rounded = scenes.Augmentation(resize_rule="half_pixel")
+    assert rounded.resized_sizes(288, 384) == ((288, 384), (346, 461), (432, 576))
+    assert scenes.CITYSCAPES.augmentation.crop_size(256, 512) == (256, 256)
+
+
+def legacy_nearest_by_hand(out_size, in_size):
+    """PyTorch's upsample_nearest2d: src = min(floor(dst * (float)in / out), in - 1), float32."""
+    ratio = np.float32(in_size) / np.float32(out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * ratio).astype(np.int64), in_size - 1)
+
+
+@pytest.mark.parametrize("out_size, in_size", [(345, 288), (460, 384), (432, 288), (576, 384), (14, 12), (12, 12)])
+def test_legacy_nearest_indices_follow_the_floor_rule(out_size, in_size):
+    got = scenes.legacy_nearest_indices(out_size, in_size).numpy()
+    np.testing.assert_array_equal(got, legacy_nearest_by_hand(out_size, in_size))
+    # It is not TF's half-pixel nearest (which the pipeline used before).
+    half_pixel = np.minimum(np.floor((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
+    assert out_size == in_size or (got != half_pixel).any()
+
+
+def test_legacy_nearest_indices_equal_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    for out_size, in_size in [(345, 288), (460, 384), (432, 288), (576, 384)]:
+        source = torch.arange(in_size, dtype=torch.float32).reshape(1, 1, in_size, 1)
+        want = torch.nn.functional.interpolate(source, size=(out_size, 1), mode="nearest")[0, 0, :, 0].numpy()
+        np.testing.assert_array_equal(scenes.legacy_nearest_indices(out_size, in_size).numpy(), want)
+    # The image: TF's bilinear resize is torch's (align_corners=False) when upscaling.
+    image = np.random.default_rng(0).uniform(size=(H, W, 3)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=(int(H * 1.5), int(W * 1.2)),
+                                           mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    got = tf.image.resize(image, (int(H * 1.5), int(W * 1.2)), method="bilinear").numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["legacy", "half_pixel"])
+def test_resized_normals_stay_unit_and_keep_their_validity(rule):
+    """A hand-built normal map (random unit normals, a block of invalid pixels, stripes of
+    unit normals whose channels sum to 0) through scale 1.2: every output pixel is a copy
+    of a source pixel, so valid normals stay unit and invalid ones stay zero."""
+    rng = np.random.default_rng(4)
+    normal = rng.normal(size=(H, W, 3))
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    normal[2:5, 3:7] = 0.0
+    normal[:, -1] = np.array([1.0, -1.0, 0.0]) / np.sqrt(2.0)
+    example = constant_example(scenes.NYUV2)
+    example["normal"] = tf.constant(normal.astype(np.float32))
+    augmentation = scenes.Augmentation(scales=(1.2,), resize_rule=rule)
+    seen = 0
+    for s in range(20):
+        out = scenes.augment_example(example, scenes.NYUV2, tf.constant([3, s], tf.int64), augmentation)
+        got = out["normal"].numpy()
+        if bool(out["flip"]):
+            got = got[:, ::-1] * np.array([-1.0, 1.0, 1.0], np.float32)
+        valid = np.any(got != 0, axis=-1)
+        np.testing.assert_allclose(np.linalg.norm(got[valid], axis=-1), 1.0, rtol=1e-6)
+        assert (~valid).any() and valid.any()
+        # Every output normal is one of the source normals, exactly.
+        sources = {tuple(v) for v in normal.astype(np.float32).reshape(-1, 3)}
+        assert all(tuple(v) in sources for v in got.reshape(-1, 3))
+        if rule == "legacy":  # and exactly the one the floor rule picks
+            new_h, new_w = int(H * 1.2), int(W * 1.2)
+            rows, cols = legacy_nearest_by_hand(new_h, H), legacy_nearest_by_hand(new_w, W)
+            crops = [normal.astype(np.float32)[rows[t:t + H]][:, cols[l:l + W]]
+                     for t in range(new_h - H + 1) for l in range(new_w - W + 1)]
+            assert any(np.array_equal(got, c) for c in crops)
+        seen += 1
+    assert seen == 20
 
 
 def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
@@ -246,23 +318,23 @@ def test_generated_scenes_go_through_the_same_builder(tmp_path, kind):
     root = synthetic.write_scenes(tmp_path / "scenes", kind=kind, num_train=5, num_val=2, height=24, width=32, seed=1)
     fmt = scenes.FORMATS[kind]
     batches = list(scenes.make_dataset(fmt, root, "train", 2, cache_dir=tmp_path / "cache", verbose=False))
-    assert len(batches) == 2  # 5 examples, remainder dropped in training
+    assert [len(b["index"]) for b in batches] == [2, 2, 1]  # 5 examples: a short last batch is kept
+    crop_w = 32 if kind == "nyuv2" else 16
     for batch in batches:
-        assert batch["image"].shape == (2, 24, 32, 3) and batch["image"].dtype == np.float32
+        size = len(batch["index"])
+        assert batch["image"].shape == (size, 24, crop_w, 3) and batch["image"].dtype == np.float32
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
         for field in fmt.fields[1:]:
             value = batch[field.key]
             if field.kind == "label":
                 assert value.dtype == np.int32 and value.min() >= -1 and value.max() < fmt.num_classes[field.key]
             elif field.kind == "depth":
-                assert value.shape == (2, 24, 32, 1) and value.min() >= 0.0
+                assert value.shape == (size, 24, crop_w, 1) and value.min() >= 0.0
             elif field.kind == "disp":
                 assert ((value == -1.0) | (value > 0)).all()
             else:
-                norms = np.linalg.norm(value, axis=-1)
-                # Bilinear rescaling averages normals only across surface edges.
-                assert norms.max() <= 1.0 + 1e-5
-                assert np.mean((norms < 1e-6) | (np.abs(norms - 1.0) < 1e-5)) > 0.8
+                norms = np.linalg.norm(value, axis=-1)  # nearest neighbour: unit or zero, exactly
+                assert np.all((norms == 0) | (np.abs(norms - 1.0) < 1e-5))
     # Unaugmented validation data equals the files, value for value.
     val = next(iter(scenes.make_dataset(fmt, root, "val", 2, cache_dir=tmp_path / "cache", verbose=False)))
     for field in fmt.fields:

@@ -79,14 +79,16 @@ def test_split_is_fixed_disjoint_covering_80_20(fake):
 
 def test_batches_shapes_dtypes_labels(fake):
     before = listing(fake)
-    ds = utkface.make_dataset(fake, "train", 5, image_size=S)  # 24 train: 4 full batches, 4 dropped
+    ds = utkface.make_dataset(fake, "train", 5, image_size=S)  # 24 train: 4 full batches and one of 4
     batches, all_ = collect(ds)
-    assert len(ds) == len(batches) == 4
+    assert len(ds) == len(batches) == 5 and [len(b["age"]) for b in batches] == [5, 5, 5, 5, 4]
+    assert len(utkface.make_dataset(fake, "train", 5, image_size=S, drop_remainder=True)) == 4
     for b in batches:
         assert set(b) == {"image", "age", "gender", "ethnicity"}
-        assert b["image"].shape == (5, S, S, 3) and b["image"].dtype == np.float32
+        size = len(b["age"])
+        assert b["image"].shape == (size, S, S, 3) and b["image"].dtype == np.float32
         for k in ("age", "gender", "ethnicity"):
-            assert isinstance(b[k], np.ndarray) and b[k].shape == (5,) and b[k].dtype == np.int32
+            assert isinstance(b[k], np.ndarray) and b[k].shape == (size,) and b[k].dtype == np.int32
     want = np.array([labels_by_hand(p) for p in ds.files])
     np.testing.assert_array_equal(np.stack([all_["age"], all_["gender"], all_["ethnicity"]], 1), want)
     test = utkface.make_dataset(fake, "val", 4, image_size=24)  # 6 test: remainder kept
