@@ -45,6 +45,17 @@ the default float dtype (float32, or float64 with ``jax_enable_x64``). A metric 
 valid element in the whole set is NaN.
 
 Δm (``delta_m``) is returned as a fraction: 0.0632 means the paper's "+6.32%".
+
+**The paper's convention** (``compute_paper_metrics``), kept beside ours because the
+paper's numbers come from it: auto-lambda's ``TaskMetric`` averages per-batch values,
+each batch weighted by its number of examples (a short last batch of b in batches of B
+counts b/B), i.e. ``Σ_b n_b m_b / Σ_b n_b`` for the batch values ``m_b``: the batch's
+mean depth / disparity error over its valid pixels, its mean normal angle over pixels
+whose target channels do not sum to 0 (the original's validity test), its accuracy.
+Segmentation mIoU comes from the whole-set confusion matrix, as ours, but averages
+over every class: a class neither labelled nor predicted anywhere gives 0/0 and makes
+the mIoU NaN, as in the original. These figures depend on the evaluation batch size;
+ours do not.
 """
 
 from __future__ import annotations
@@ -98,13 +109,16 @@ def _init_task_state(task: Task) -> dict[str, jax.Array]:
     count = jnp.zeros((), jnp.int32)
     if task.kind == "segmentation":
         return {"confusion": jnp.zeros((task.channels, task.channels), jnp.int32), "out_of_range": count}
+    # The paper's convention: sum over batches of (examples in the batch) x (batch mean).
+    batch_means = {"batch_mean_sum": jnp.zeros((), _sum_dtype()), "batch_examples": count}
     if task.kind == "regression":
-        return {"abs_sum": jnp.zeros((), _sum_dtype()), "rel_sum": jnp.zeros((), _sum_dtype()), "count": count}
+        return {"abs_sum": jnp.zeros((), _sum_dtype()), "rel_sum": jnp.zeros((), _sum_dtype()), "count": count,
+                **batch_means}
     if task.kind == "normal":
         return {"angle_sum": jnp.zeros((), _sum_dtype()), "count": count,
                 "histogram": jnp.zeros((NORMAL_HISTOGRAM_BINS,), jnp.int32),
-                "within": jnp.zeros((len(NORMAL_THRESHOLDS),), jnp.int32)}
-    return {"correct": count, "count": count}  # classification
+                "within": jnp.zeros((len(NORMAL_THRESHOLDS),), jnp.int32), **batch_means}
+    return {"correct": count, "count": count, **batch_means}  # classification
 
 
 def init_metric_state(tasks: Sequence[Task]) -> MetricState:
@@ -123,12 +137,23 @@ def _count(mask) -> jax.Array:
     return jnp.sum(mask, dtype=jnp.int32)
 
 
+def _add_batch_mean(state, values, mask, num_examples: int):
+    """The paper's running mean: add ``num_examples * mean(values[mask])`` (NaN when the
+    batch has no valid element, as the original's ``torch.mean`` of an empty selection)."""
+    dtype = state["batch_mean_sum"].dtype
+    mean = jnp.sum(jnp.where(mask, values, 0), dtype=dtype) / jnp.sum(mask, dtype=dtype)
+    return {"batch_mean_sum": state["batch_mean_sum"] + num_examples * mean,
+            "batch_examples": state["batch_examples"] + jnp.int32(num_examples)}
+
+
 def _update_labels(task: Task, logits, labels, state):
     _check_shapes(task, logits, labels, labels.shape + (task.channels,))
     predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if task.kind == "classification":
-        return {"correct": state["correct"] + _count(predicted == labels),
-                "count": state["count"] + jnp.int32(labels.size)}
+        correct = predicted == labels
+        return {"correct": state["correct"] + _count(correct),
+                "count": state["count"] + jnp.int32(labels.size),
+                **_add_batch_mean(state, correct, jnp.ones_like(correct), labels.shape[0])}
     classes = task.channels
     valid = labels != task.invalid
     in_range = (labels >= 0) & (labels < classes)
@@ -148,7 +173,8 @@ def _update_regression(task: Task, prediction, target, state):
     dtype = state["abs_sum"].dtype
     return {"abs_sum": state["abs_sum"] + jnp.sum(jnp.where(valid, error, 0), dtype=dtype),
             "rel_sum": state["rel_sum"] + jnp.sum(relative, dtype=dtype),
-            "count": state["count"] + _count(valid)}
+            "count": state["count"] + _count(valid),
+            **_add_batch_mean(state, error, valid, target.shape[0])}
 
 
 def _update_normal(task: Task, prediction, target, state):
@@ -161,10 +187,12 @@ def _update_normal(task: Task, prediction, target, state):
     bins = jnp.where(valid, bins, NORMAL_HISTOGRAM_BINS)  # out of bounds: dropped
     histogram = jnp.zeros((NORMAL_HISTOGRAM_BINS,), jnp.int32).at[bins].add(1, mode="drop")
     below = angle[:, None] < jnp.asarray(NORMAL_THRESHOLDS, angle.dtype)[None, :]
+    paper_valid = (jnp.sum(target, axis=-1) != 0).reshape(-1)  # the original's validity test
     return {"angle_sum": state["angle_sum"] + jnp.sum(jnp.where(valid, angle, 0), dtype=dtype),
             "count": state["count"] + _count(valid),
             "histogram": state["histogram"] + histogram,
-            "within": state["within"] + jnp.sum(below & valid[:, None], axis=0, dtype=jnp.int32)}
+            "within": state["within"] + jnp.sum(below & valid[:, None], axis=0, dtype=jnp.int32),
+            **_add_batch_mean(state, angle, paper_valid, target.shape[0])}
 
 
 _UPDATES = {"segmentation": _update_labels, "classification": _update_labels,
@@ -240,6 +268,23 @@ def compute_metrics(tasks: Sequence[Task], state: MetricState) -> dict[str, floa
     (pass ``jax.device_get(state)`` or the device arrays)."""
     return {f"{task.name}/{name}": value
             for task in tasks for name, value in _task_metrics(task, state[task.name]).items()}
+
+
+def compute_paper_metrics(tasks: Sequence[Task], state: MetricState) -> dict[str, float]:
+    """The headline metric of each task in the paper's convention (module docstring):
+    ``{headline_key(task): value}``, from the same state as ``compute_metrics``."""
+    result = {}
+    for task in tasks:
+        s = {k: np.asarray(v) for k, v in state[task.name].items()}
+        if task.kind == "segmentation":
+            confusion = s["confusion"].astype(np.float64)
+            true_positive = np.diag(confusion)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                value = float(np.mean(true_positive / (confusion.sum(0) + confusion.sum(1) - true_positive)))
+        else:
+            value = _ratio(s["batch_mean_sum"], s["batch_examples"])
+        result[headline_key(task)] = value
+    return result
 
 
 # ---------------------------------------------------------------------------

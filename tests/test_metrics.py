@@ -195,7 +195,12 @@ def test_random_set_matches_brute_force_and_accumulates_exactly():
     for outputs, targets in batches:
         state_parts = jitted_update(SCENE_TASKS)(state_parts, outputs, targets)
     state_whole = jitted_update(SCENE_TASKS)(m.init_metric_state(SCENE_TASKS), *whole)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0), state_parts, state_whole)
+
+    def whole_set_statistics(state):  # the paper's per-batch means depend on the batches by design
+        return {task: {k: v for k, v in stats.items() if not k.startswith("batch_")} for task, stats in state.items()}
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0),
+                 whole_set_statistics(state_parts), whole_set_statistics(state_whole))
     np.testing.assert_array_equal(state_parts["seg"]["confusion"], state_whole["seg"]["confusion"])
     np.testing.assert_array_equal(state_parts["normal"]["histogram"], state_whole["normal"]["histogram"])
     assert m.compute_metrics(SCENE_TASKS, state_whole) == pytest.approx(accumulated, rel=1e-12)
@@ -370,3 +375,86 @@ def test_reference_validation():
         m.load_reference("single_task.json", NYUV2)
     with pytest.raises(ValueError, match="metrics has no 'normal/mean_angle'"):
         m.delta_m({"seg/miou": 0.5, "depth/abs_err": 0.4}, m.PAPER_SINGLE_TASK["nyuv2"], NYUV2)
+
+
+# ---------------------------------------------------------------------------
+# The paper's convention (auto-lambda's TaskMetric) beside ours
+
+
+def test_both_conventions_on_a_three_batch_hand_example():
+    """Batches of 2, 2 and a short last one of 1. The paper's figure is the running mean
+    m <- r m + (1 - r) x with r = n / (n + b/B) over per-batch values (TaskMetric), ours the
+    whole-set value; they differ because the batches hold different numbers of valid pixels."""
+    tasks = (SEG, DEPTH, NORMAL, AGE)
+    # Depth, 2 pixels per example; errors (invalid where the target is 0):
+    #   batch 1: errors 1, 3 | 2, invalid -> batch mean 2, 3 valid pixels
+    #   batch 2: errors 4, invalid | invalid, invalid -> batch mean 4, 1 valid pixel
+    #   batch 3: errors 0.5, 1.5 -> batch mean 1, 2 valid pixels
+    depth_batches = [
+        (np.array([[1.0, 3.0], [2.0, 0.0]]), np.array([[2.0, 6.0], [4.0, 0.0]])),
+        (np.array([[4.0, 0.0], [0.0, 0.0]]), np.array([[8.0, 0.0], [0.0, 0.0]])),
+        (np.array([[0.5, 1.5]]), np.array([[1.0, 3.0]])),
+    ]
+    # Normals, 2 pixels per example, angles 0 / 90 / 60 / 30 degrees from +z. The last pixel of
+    # batch 2 has target (1, -1, 0)/sqrt(2): valid for us (not all zero), invalid for the
+    # original (its channels sum to 0).
+    odd = np.array([1.0, -1.0, 0.0]) / np.sqrt(2.0)
+    normal_batches = [
+        (normals_at([[0.0, 90.0], [60.0, 0.0]]), normals_at([[0.0, 0.0], [0.0, 0.0]]), None),
+        (normals_at([[30.0, 0.0], [0.0, 0.0]]), normals_at([[0.0, 0.0], [0.0, 0.0]]), (1, 1)),
+        (normals_at([[90.0, 90.0]]), normals_at([[0.0, 0.0]]), None),
+    ]
+    seg_targets = [np.array([[0, 0], [1, -1]]), np.array([[1, 1], [0, 0]]), np.array([[0, 1]])]
+    seg_predicted = [np.array([[0, 1], [1, 2]]), np.array([[1, 1], [0, 1]]), np.array([[0, 0]])]
+    age_targets = [np.array([0, 1]), np.array([2, 3]), np.array([0])]
+    age_predicted = [np.array([0, 1]), np.array([2, 0]), np.array([1])]
+    batches = []
+    for i in range(3):
+        prediction_n, target_n, zero_at = normal_batches[i]
+        target_n = target_n.copy()
+        if zero_at is not None:
+            target_n[zero_at] = odd
+            prediction_n = prediction_n.copy()
+            prediction_n[zero_at] = -odd  # 180 degrees where we count it
+        depth_error, depth_target = depth_batches[i]
+        outputs = {"seg": logits_for(seg_predicted[i], 3)[:, None], "depth": (depth_target + depth_error)[:, None, :, None],
+                   "normal": prediction_n[:, None], "age": logits_for(age_predicted[i], 4)}
+        targets = {"seg": seg_targets[i][:, None], "depth": depth_target[:, None, :, None],
+                   "normal": target_n[:, None], "age": age_targets[i]}
+        batches.append((outputs, targets))
+    state = m.init_metric_state(tasks)
+    for outputs, targets in batches:
+        state = m.update_metric_state(tasks, state, outputs, targets)
+    ours, paper = m.compute_metrics(tasks, state), m.compute_paper_metrics(tasks, state)
+
+    def running_mean(values, sizes, batch_size=2):
+        mean, counter = 0.0, 0
+        for x, b in zip(values, sizes):
+            r = counter / (counter + b / batch_size)
+            mean, counter = r * mean + (1 - r) * x, counter + 1
+        return mean
+
+    sizes = [2, 2, 1]
+    assert ours["depth/abs_err"] == pytest.approx((1 + 3 + 2 + 4 + 0.5 + 1.5) / 6, rel=1e-12)
+    assert paper["depth/abs_err"] == pytest.approx(running_mean([2.0, 4.0, 1.0], sizes), rel=1e-12)
+    assert paper["depth/abs_err"] == pytest.approx((2 * 2 + 2 * 4 + 1 * 1) / 5, rel=1e-12)
+    # Ours: valid pixels 0, 90, 60, 0 | 30, 0, 0, 180 (odd) | 90, 90 -> 540 / 10.
+    # (arccos of the rounded -1 is 1.2e-6 degrees short of 180.)
+    assert ours["normal/mean_angle"] == pytest.approx(54.0, rel=1e-7)
+    # Original: batch means 150/4, 30/3 (the odd pixel is invalid), 180/2.
+    assert paper["normal/mean_angle"] == pytest.approx(running_mean([37.5, 10.0, 90.0], sizes), rel=1e-12)
+    assert ours["age/acc"] == pytest.approx(3 / 5, rel=1e-12)
+    assert paper["age/acc"] == pytest.approx(running_mean([1.0, 0.5, 0.0], sizes), rel=1e-12)
+    # Segmentation: the confusion matrix is whole-set in both. Class 2 is predicted once
+    # on the ignored pixel only, so it is neither labelled nor predicted: ours leaves it
+    # out of the mean, the original averages 0/0 into NaN.
+    # confusion[target, prediction]: [[3, 2, 0], [1, 3, 0], [0, 0, 0]] ->
+    # IoU 0: 3 / (5 + 4 - 3) = 0.5, 1: 3 / (4 + 5 - 3) = 0.5.
+    np.testing.assert_array_equal(state["seg"]["confusion"], [[3, 2, 0], [1, 3, 0], [0, 0, 0]])
+    assert ours["seg/miou"] == pytest.approx(0.5, rel=1e-12)
+    assert math.isnan(paper["seg/miou"])
+    # With every class present both use the same mean.
+    full = m.update_metric_state((SEG,), m.init_metric_state((SEG,)), {"seg": logits_for([[0, 1, 2, 2]], 3)},
+                                 {"seg": np.array([[0, 1, 2, 1]])})
+    assert m.compute_paper_metrics((SEG,), full)["seg/miou"] == pytest.approx(
+        m.compute_metrics((SEG,), full)["seg/miou"], rel=1e-12)
