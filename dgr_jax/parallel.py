@@ -57,7 +57,15 @@ def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays (batch axis sharded on ``data``) from this process's slice."""
+    """Global arrays (batch axis sharded on ``data``) from this process's slice.
+
+    A batch whose size the devices do not divide (a short last batch, single process) is
+    replicated instead: the jitted step computes the same global-view numbers either way
+    (BatchNorm statistics and losses over the whole batch), it only runs unsplit."""
+    sizes = {np.shape(value)[0] for value in local_batch.values()}
+    devices = mesh.shape[DATA_AXIS]
+    if jax.process_count() == 1 and any(size % devices for size in sizes):
+        return replicate({key: np.asarray(value) for key, value in local_batch.items()}, mesh)
     sharding = batch_sharded(mesh)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for key, value in local_batch.items()}
@@ -69,6 +77,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def jit_train_step(step: Callable, mesh: Mesh) -> Callable:
     """``jax.jit`` of ``step(state, batch) -> (state, metrics)``: state replicated and
-    donated, batch sharded on ``data``, metrics replicated."""
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    donated, metrics replicated. The inputs keep the shardings they come with: the state
+    replicated (as this step returns it), the batch from ``global_batch`` (sharded on
+    ``data``, or replicated when the devices do not divide it)."""
+    return jax.jit(step, out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)

@@ -78,17 +78,24 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
                         help="ResNet depth (default 50, the paper's; 18 with --synthetic)")
     parser.add_argument("--weighting", choices=sorted(weighting.METHODS), default="equal",
                         help="multi-task weighting method (default equal)")
+    parser.add_argument("--method_args", default=None, metavar="KEY=VALUE,...",
+                        help="hyper-parameters of the weighting method (defaults: the original code's): "
+                        + "; ".join(f"{name}: " + (", ".join(f"{k}={v}" for k, v in weighting.method_arguments(name).items())
+                                                   or "none") for name in sorted(weighting.METHODS))
+                        + ". Kendall et al.'s uncertainty form: scale=1,initial_log_var=0,weight_decay=false")
     parser.add_argument("--dgr_weight", type=float, default=None,
                         help="lambda, the DGR penalty's weight; 0 turns DGR off (default 0; 0.1 with --synthetic)")
     parser.add_argument("--num_dummy", type=int, default=3, help="K, dummy head sets for DGR (default 3)")
     parser.add_argument("--dgr_method", choices=METHODS + ("paper",), default="exact",
                         help="how the penalty's gradient is computed: exact (forward-over-reverse, default), "
                         "double_backprop (reference), finite_difference (the paper's estimator at the feature "
-                        "level), paper (the original algorithm through the whole model)")
+                        "level), paper (the original algorithm through the whole model; with --squared_norm --num_dummy 1 "
+                        "it is the original code's update)")
     parser.add_argument("--fd_eps", type=float, default=1e-3,
                         help="finite-difference step for finite_difference / paper (default 1e-3)")
     parser.add_argument("--squared_norm", action="store_true",
-                        help="penalise ||g||^2 (the original code's objective) instead of ||g||")
+                        help="penalise ||g||^2 (the original code's objective) instead of ||g|| (the paper's "
+                        "text). The original code's update: --dgr_method paper --squared_norm --num_dummy 1")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated subset of {','.join(t.name for t in spec.tasks)}; "
                         "one task gives the single-task baseline (default: all)")
@@ -118,6 +125,28 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     parser.add_argument("--num_devices", type=int, default=None,
                         help="devices on the data-parallel mesh (default all)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    conventions = parser.add_argument_group(
+        "conventions", "Defaults train what the original code (the DGR repository on auto-lambda) trains; "
+        "the alternatives are dgr_jax's own choices (README, Fidelity)")
+    conventions.add_argument("--normal_loss", choices=("l1", "cosine"), default="l1",
+                             help="surface-normal loss: l1, the L1 distance between unit normals summed over "
+                             "channels, mean over valid pixels (the original's, default); cosine, 1 - cos")
+    conventions.add_argument("--head_dropout", type=float, default=0.0,
+                             help="dropout after the DeepLabV3 heads' ASPP projection (default 0, the original's; "
+                             "torchvision's DeepLabHead uses 0.5)")
+    conventions.add_argument("--bn_running_var", choices=("unbiased", "biased"), default="unbiased",
+                             help="BatchNorm running-variance update: unbiased n/(n-1), PyTorch's and the "
+                             "original's (default); biased, Flax's")
+    conventions.add_argument("--resize_rule", choices=("legacy", "half_pixel"), default="legacy",
+                             help="augmentation resizing of labels, depth and normals: legacy, PyTorch's nearest "
+                             "(floor rule) with truncated sizes, the original's (default); half_pixel, nearest "
+                             "with half-pixel centres and rounded sizes")
+    conventions.add_argument("--drop_last", action="store_true",
+                             help="drop a short last training batch (the original keeps it; several processes "
+                             "always drop it)")
+    conventions.add_argument("--lr_schedule", choices=("epoch", "step"), default="epoch",
+                             help="SGD's cosine schedule stepped once per epoch, as the original's "
+                             "CosineAnnealingLR (default), or every step")
     parser.add_argument("--dry_run", action="store_true",
                         help="build the full-size model on abstract shapes (no large allocation), "
                         "print a summary and a JSON line of parameter counts, and exit")
@@ -211,6 +240,9 @@ def run_config(spec: DatasetSpec, args) -> RunConfig:
         if unknown or not tasks:
             _fail(spec, f"--tasks: {', '.join(unknown) or '(empty)'} is not a task of {spec.name}; "
                   f"choose from {', '.join(names)}")
+    if not 0.0 <= args.head_dropout < 1.0:
+        _fail(spec, f"--head_dropout must be in [0, 1), got {args.head_dropout}")
+    method_args = parse_method_args(spec, args.weighting, args.method_args)
     preset = CPU_PRESET if args.synthetic else {}
     reference = None
     if args.reference is not None:
@@ -238,6 +270,7 @@ def run_config(spec: DatasetSpec, args) -> RunConfig:
         head_width=preset.get("head_width", 256),
         tasks=tasks,
         weighting=args.weighting,
+        method_args=method_args,
         dgr_weight=args.dgr_weight if args.dgr_weight is not None else preset.get("dgr_weight", 0.0),
         num_dummy=args.num_dummy,
         dgr_method=args.dgr_method,
@@ -255,7 +288,47 @@ def run_config(spec: DatasetSpec, args) -> RunConfig:
         checkpoint_every=args.checkpoint_every,
         reference=reference,
         num_devices=args.num_devices,
+        normal_loss=args.normal_loss,
+        head_dropout=args.head_dropout,
+        bn_running_var=args.bn_running_var,
+        resize_rule=args.resize_rule,
+        drop_last=args.drop_last,
+        lr_schedule=args.lr_schedule,
     )
+
+
+def parse_method_args(spec: DatasetSpec, method: str, text: str | None) -> dict | None:
+    """``--method_args a=1,b=false`` -> ``{"a": 1.0, "b": False}``, each value converted to
+    the type of the argument's default; one-line errors for unknown keys and bad values."""
+    if text is None:
+        return None
+    known = weighting.method_arguments(method)
+    parsed = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            _fail(spec, f"--method_args: {item!r} is not KEY=VALUE")
+        if key not in known:
+            listing = ", ".join(f"{k}={v}" for k, v in known.items()) or "none"
+            _fail(spec, f"--method_args: {method} has no argument {key!r}; its arguments: {listing}")
+        default = known[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                parsed[key] = value.lower() in ("true", "1")
+            elif isinstance(default, int):
+                parsed[key] = int(value)
+            else:
+                parsed[key] = float(value)
+        except ValueError:
+            _fail(spec, f"--method_args: {key}={value!r} is not a {type(default).__name__}")
+    try:
+        weighting.get_method(method, **parsed)
+    except ValueError as error:
+        _fail(spec, f"--method_args: {error}")
+    return parsed
 
 
 def run(dataset: str, argv=None):

@@ -46,6 +46,7 @@ class RunConfig:
     head_width: int = 256
     tasks: tuple[str, ...] | None = None  # a subset of the dataset's tasks; one = single-task baseline
     weighting: str = "equal"
+    method_args: dict | None = None  # hyper-parameters of the weighting method (defaults: its paper's)
     dgr_weight: float = 0.0
     num_dummy: int = 3
     dgr_method: str = "exact"
@@ -66,23 +67,37 @@ class RunConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     reference: dict | None = None  # single-task metrics for Δm; None: the paper's
     num_devices: int | None = None
+    # Conventions. Defaults are the original code's (README "Fidelity"); the alternatives
+    # are ours.
+    normal_loss: str = "l1"  # l1 between unit normals | cosine (1 - cos)
+    head_dropout: float = 0.0  # dropout after ASPP's projection (torchvision: 0.5)
+    bn_running_var: str = "unbiased"  # unbiased (PyTorch) | biased (Flax)
+    resize_rule: str = "legacy"  # legacy (PyTorch's nearest, truncated sizes) | half_pixel
+    drop_last: bool = False  # drop a short last training batch (the original keeps it)
+    lr_schedule: str = "epoch"  # cosine stepped once per epoch (the original) | step
 
     def task_records(self) -> tuple[task_lib.Task, ...]:
         available = task_lib.DATASETS[self.dataset]
-        if self.tasks is None:
-            return available
-        names = [t.name for t in available]
-        unknown = [t for t in self.tasks if t not in names]
-        if unknown or not self.tasks:
-            raise ValueError(f"--tasks: {', '.join(unknown) or '(empty)'} not a task of {self.dataset}; "
-                             f"choose from {', '.join(names)}")
-        return tuple(t for t in available if t.name in self.tasks)
+        if self.tasks is not None:
+            names = [t.name for t in available]
+            unknown = [t for t in self.tasks if t not in names]
+            if unknown or not self.tasks:
+                raise ValueError(f"--tasks: {', '.join(unknown) or '(empty)'} not a task of {self.dataset}; "
+                                 f"choose from {', '.join(names)}")
+            available = tuple(t for t in available if t.name in self.tasks)
+        return tuple(dataclasses.replace(t, loss_name=self.normal_loss) if t.kind == "normal" else t
+                     for t in available)
 
     def model_config(self) -> ModelConfig:
         classifier = self.dataset in ("utkface", "multidigits")
         return ModelConfig(network="classifier" if classifier else self.network, depth=self.backbone,
                            dilated=not classifier, base_width=self.base_width,
-                           stage_sizes=self.stage_sizes, head_width=self.head_width)
+                           stage_sizes=self.stage_sizes, head_width=self.head_width,
+                           dropout_rate=self.head_dropout,
+                           bn_unbiased_running_var=self.bn_running_var == "unbiased")
+
+    def method(self) -> weighting.MTLMethod:
+        return weighting.get_method(self.weighting, **(self.method_args or {}))
 
     def dgr_config(self) -> DGRConfig:
         return DGRConfig(weight=self.dgr_weight, num_dummy=self.num_dummy, method=self.dgr_method,
@@ -108,8 +123,12 @@ def make_data(config: RunConfig) -> Data:
         raise ValueError(f"--batch_size {batch} is not divisible by the {process_count} processes")
     local = batch // process_count
     shard = dict(process_index=process_index, process_count=process_count)
+    # A short last batch is kept, as the original's data loader keeps it; several
+    # processes drop it, since their shards (which differ by up to one example) would
+    # otherwise end the epoch with different batch counts.
+    drop_last = config.drop_last or process_count > 1
     if name in ("nyuv2", "cityscapes"):
-        from data_pipelines import cityscapes, nyuv2, synthetic
+        from data_pipelines import cityscapes, nyuv2, scenes, synthetic
 
         module = nyuv2 if name == "nyuv2" else cityscapes
         if config.synthetic:
@@ -121,10 +140,12 @@ def make_data(config: RunConfig) -> Data:
         else:
             root, description = Path(config.data_dir), f"{name} from {config.data_dir}"
         module.prepare(root)
+        augmentation = dataclasses.replace(module.FORMAT.augmentation, resize_rule=config.resize_rule)
 
         def train_epoch(epoch, start_step):
             return module.make_dataset(root, "train", local, seed=config.seed, epoch=epoch,
-                                       start_step=start_step, verbose=False, **shard)
+                                       start_step=start_step, verbose=False, drop_remainder=drop_last,
+                                       augmentation=augmentation, **shard)
 
         def evaluation():
             return module.make_dataset(root, "val", local, verbose=False, **shard)
@@ -141,7 +162,7 @@ def make_data(config: RunConfig) -> Data:
 
         def train_epoch(epoch, start_step):
             return utkface.make_dataset(root, "train", local, augment=True, seed=config.seed, epoch=epoch,
-                                        start_step=start_step, **shard)
+                                        start_step=start_step, drop_remainder=drop_last, **shard)
 
         def evaluation():
             return utkface.make_dataset(root, "test", local, **shard)
@@ -152,7 +173,7 @@ def make_data(config: RunConfig) -> Data:
 
         def train_epoch(epoch, start_step):
             return multidigits.make_dataset("train", local, seed=config.seed, epoch=epoch,
-                                            start_step=start_step, **shard)
+                                            start_step=start_step, drop_remainder=drop_last, **shard)
 
         def evaluation():
             return multidigits.make_dataset("test", local, **shard)
@@ -181,16 +202,33 @@ def _fake_utkface_root(utkface, count: int) -> Path:
 # Optimiser
 
 
-def make_optimizer(config: RunConfig, total_steps: int) -> optax.GradientTransformation:
+def learning_rate_schedule(config: RunConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Cosine from ``lr`` to 0. ``lr_schedule="epoch"`` (the original's
+    ``CosineAnnealingLR(T_max=epochs)``, stepped once per epoch): epoch e trains at
+    ``lr (1 + cos(pi e / E)) / 2`` for all its steps; ``"step"``: the same curve per step."""
+    if config.lr_schedule == "step":
+        return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+    if config.lr_schedule != "epoch":
+        raise ValueError(f"--lr_schedule must be epoch or step, got {config.lr_schedule!r}")
+    num_epochs = max(-(-total_steps // steps_per_epoch), 1)
+    per_epoch = optax.cosine_decay_schedule(config.lr, num_epochs)
+    return lambda count: per_epoch(count // steps_per_epoch)
+
+
+def make_optimizer(config: RunConfig, total_steps: int, steps_per_epoch: int | None = None,
+                   method: weighting.MTLMethod | None = None) -> optax.GradientTransformation:
     """The paper's recipes: SGD (momentum 0.9, weight decay, cosine schedule) for scenes,
-    Adam for UTKFace. Weight decay applies to the trained parameters only; the dummy sets
-    are not in the optimised pytree at all."""
-    def decayed(params):  # the model's weights; not the method's (uncertainty's log-variances)
-        return {k: jax.tree_util.tree_map(lambda _: k != "method", v) for k, v in params.items()}
+    Adam for UTKFace. Weight decay applies to the trained parameters, and to the method's
+    parameters where ``method.decay_params`` (uncertainty's log-variances, as the original
+    code's single SGD parameter group); the dummy sets are not in the optimised pytree."""
+    decay_method = method is not None and method.decay_params
+
+    def decayed(params):
+        return {k: jax.tree_util.tree_map(lambda _: k != "method" or decay_method, v) for k, v in params.items()}
 
     decay = optax.add_decayed_weights(config.weight_decay, mask=decayed)
     if config.optimizer == "sgd":
-        schedule = optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+        schedule = learning_rate_schedule(config, steps_per_epoch or max(total_steps, 1), total_steps)
         return optax.chain(decay, optax.sgd(schedule, momentum=0.9))
     if config.optimizer == "adam":
         return optax.chain(decay, optax.adam(config.lr))
@@ -278,13 +316,21 @@ def _plot_curves(workdir: Path, tasks) -> Path | None:
 # The run
 
 
-def evaluate(eval_step, state, data: Data, tasks, mesh) -> dict[str, float]:
+def evaluate(eval_step, state, data: Data, tasks, mesh, reference=None) -> tuple[dict, dict]:
+    """``(metrics, paper_metrics)``: whole-set statistics (ours) and the paper's per-batch
+    running means (``metrics.compute_paper_metrics``), each with its ``delta_m`` when a
+    reference is given."""
     metric_state = metric_lib.init_metric_state(tasks)
     for batch in data.evaluation():
         batch = {k: v for k, v in batch.items() if k == "image" or k in {t.name for t in tasks}}
         # Any batch size (the last may be short): evaluation runs replicated.
         metric_state = eval_step(state, parallel.replicate(batch, mesh), metric_state)
-    return metric_lib.compute_metrics(tasks, jax.device_get(metric_state))
+    metric_state = jax.device_get(metric_state)
+    results = metric_lib.compute_metrics(tasks, metric_state), metric_lib.compute_paper_metrics(tasks, metric_state)
+    if reference:
+        for values in results:
+            values["delta_m"] = metric_lib.delta_m(values, reference, tasks)
+    return results
 
 
 def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool = False,
@@ -308,8 +354,8 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     net = build_model(config.model_config(), tasks)
     dgr = config.dgr_config()
-    method = weighting.get_method(config.weighting)
-    optimizer = make_optimizer(config, total_steps)
+    method = config.method()
+    optimizer = make_optimizer(config, total_steps, steps_per_epoch, method)
     first = next(iter(data.train_epoch(0, 0)))
     sample = jnp.asarray(first["image"][:1])
     state = jax.jit(lambda key: init_train_state(net, optimizer, key, sample, config.num_dummy, method, len(tasks)),
@@ -337,6 +383,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
 
     step = int(state.step)
     last_eval: dict[str, float] = {}
+    last_paper: dict[str, float] = {}
     history = []
     bar = _progress(total_steps, step, progress and main_process)
     epoch = position["epoch"]
@@ -369,14 +416,13 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
             epoch, start = epoch + 1, 0
         checkpoints.save(step, state, {"epoch": epoch, "step_in_epoch": start})
         if epoch_done and (epoch % config.eval_every == 0 or step >= total_steps):
-            last_eval = evaluate(eval_step, state, data, tasks, mesh)
-            dm = metric_lib.delta_m(last_eval, reference, tasks) if reference else None
-            if dm is not None:
-                last_eval["delta_m"] = dm
+            last_eval, last_paper = evaluate(eval_step, state, data, tasks, mesh, reference)
+            if "delta_m" in last_eval:
                 checkpoints.save_best(step, state, {"epoch": epoch, "step_in_epoch": 0}, last_eval)
-            writers.scalars(step, {"epoch": epoch, **last_eval}, "eval")
-            history.append({"step": step, "epoch": epoch, **last_eval})
-            bar.write(f"epoch {epoch} step {step}: " + _format_metrics(last_eval, tasks))
+            row = {"epoch": epoch, **last_eval, **{f"paper/{k}": v for k, v in last_paper.items()}}
+            writers.scalars(step, row, "eval")
+            history.append({"step": step, **row})
+            bar.write(f"epoch {epoch} step {step}: " + _format_metrics(last_eval, last_paper, tasks))
     bar.close()
     checkpoints.wait()
     checkpoints.close()
@@ -385,16 +431,16 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
         log(f"stopped after step {step}; resume with --resume")
         return {"stopped_at": step}
     if not last_eval:
-        last_eval = evaluate(eval_step, state, data, tasks, mesh)
-        if reference:
-            last_eval["delta_m"] = metric_lib.delta_m(last_eval, reference, tasks)
-        writers.scalars(step, {"epoch": epoch, **last_eval}, "eval")
+        last_eval, last_paper = evaluate(eval_step, state, data, tasks, mesh, reference)
+        writers.scalars(step, {"epoch": epoch, **last_eval, **{f"paper/{k}": v for k, v in last_paper.items()}},
+                        "eval")
     writers.close()
     summary = {"config": _config_dict(config), "steps": step, "metrics": last_eval,
+               "metrics_paper": last_paper, "conventions": METRIC_CONVENTIONS,
                "reference": reference, "history": history}
     if main_process:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
-        table = results_table(config, tasks, last_eval)
+        table = results_table(config, tasks, last_eval, last_paper)
         (workdir / "results.md").write_text(table + "\n")
         curves = _plot_curves(workdir, tasks)
         log("\n" + table)
@@ -411,10 +457,18 @@ def _log_train(writers, step, metrics):
     writers.scalars(step, values, "train")
 
 
-def _format_metrics(values, tasks) -> str:
+METRIC_CONVENTIONS = {
+    "metrics": "whole-set statistics (dgr_jax's): every metric from sums over the whole evaluation set",
+    "metrics_paper": "the paper's (auto-lambda's TaskMetric): per-batch values averaged over batches, "
+                     "weighted by batch size; mIoU over every class (NaN if one never occurs); "
+                     "normals valid where their channels do not sum to 0",
+}
+
+
+def _format_metrics(values, paper, tasks) -> str:
     parts = [f"{metric_lib.headline_key(t)} {values[metric_lib.headline_key(t)]:.4f}" for t in tasks]
     if "delta_m" in values:
-        parts.append(f"Δm {values['delta_m'] * 100:+.2f}%")
+        parts.append(f"Δm {values['delta_m'] * 100:+.2f}% (paper's convention {paper['delta_m'] * 100:+.2f}%)")
     return ", ".join(parts)
 
 
@@ -422,9 +476,10 @@ def _config_dict(config: RunConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def results_table(config: RunConfig, tasks, values: dict[str, float]) -> str:
-    """Our row in the paper's table format (headline metric per task, Δm), with the
-    paper's row for the same method beside it where the paper has one."""
+def results_table(config: RunConfig, tasks, values: dict[str, float], paper_values: dict[str, float]) -> str:
+    """Our rows in the paper's table format (headline metric per task, Δm): in the paper's
+    metric convention, which is the one to compare with the paper's row beside it (where
+    the paper has one), and in ours (whole-set statistics)."""
     keys = [metric_lib.headline_key(t) for t in tasks]
     method = metric_lib.paper_method_name(config.weighting, config.dgr_weight > 0)
     header = "| run | " + " | ".join(keys) + " | Δm |"
@@ -435,10 +490,14 @@ def results_table(config: RunConfig, tasks, values: dict[str, float]) -> str:
         dm = source.get("delta_m")
         return f"| {name} | " + " | ".join(cells) + f" | {'-' if dm is None else f'{dm * 100:+.2f}%'} |"
 
-    lines = [header, rule, row(f"this run: {method}", values)]
+    lines = [header, rule, row(f"this run: {method} (paper's convention)", paper_values),
+             row(f"this run: {method} (whole-set)", values)]
     paper = metric_lib.paper_rows(config.dataset, config.network if config.dataset in ("nyuv2", "cityscapes") else None)
     if paper and method in paper:
         lines.append(row(f"paper: {method}", paper[method]))
+    lines.append("")
+    lines.append("The paper's row compares with this run's first row (per-batch running means, as "
+                 "auto-lambda's TaskMetric); the whole-set row is dgr_jax's convention.")
     return "\n".join(lines)
 
 
