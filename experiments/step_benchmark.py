@@ -65,7 +65,7 @@ def run_mode(args) -> dict:
 
     method = MODES[args.child_mode]
     dgr = DGRConfig(weight=0.0 if method is None else args.dgr_weight, num_dummy=args.num_dummy,
-                    method=method or "exact", fd_eps=args.fd_eps,
+                    method=method or "exact", fd_eps=args.fd_eps, squared=method == "paper",
                     unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching])
     net = build_model(ModelConfig(network="split", depth=args.backbone, base_width=args.base_width,
                                   head_width=args.head_width), NYUV2)
