@@ -4,7 +4,7 @@ The public core is :func:`dgr_penalty`; see ``dgr_jax/penalty.py`` for the math.
 """
 
 from dgr_jax.penalty import (
-    METHODS,
+    PENALTY_ESTIMATORS,
     dgr_penalty,
     heads_penalty,
     init_dummy_sets,
@@ -12,7 +12,7 @@ from dgr_jax.penalty import (
 )
 
 __all__ = [
-    "METHODS",
+    "PENALTY_ESTIMATORS",
     "dgr_penalty",
     "heads_penalty",
     "init_dummy_sets",

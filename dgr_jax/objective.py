@@ -1,10 +1,10 @@
 """The multi-task objective of a ``MultiTaskNet`` with the DGR penalty.
 
-``multitask_loss`` is the function a train step differentiates: the encoder runs once,
-its features feed the task heads and the K stacked dummy sets (vmapped, or unrolled
-on CPU: ``DGRConfig.unroll_sets``), and
-``jax.grad`` of the total carries the penalty's gradient into the encoder through the
-same single backward pass (DESIGN rule 1).
+``task_losses_and_penalty`` is what the train step differentiates: the encoder runs
+once, its features feed the task heads and the K stacked dummy sets (vmapped, or
+unrolled on CPU: ``DGRConfig.unroll_sets``), and one backward pass carries the
+penalty's gradient into the encoder with the task gradients (docs/design.md, "Share the
+encoder backward").
 
 ``paper_dgr_encoder_grads`` is the original algorithm, kept for comparison: per dummy
 set the whole model runs forward again with the perturbed dummy set and two more
@@ -21,25 +21,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dgr_jax.errors import ConfigError
 from dgr_jax.models import MTANEncoder, MultiTaskNet, heads_apply_fn
 from dgr_jax.models.batch_norm import MOMENTUM
-from dgr_jax.penalty import METHODS, heads_penalty
+from dgr_jax.penalty import PENALTY_ESTIMATORS, heads_penalty
 from dgr_jax.tasks import Task, task_losses
 
 PyTree = Any
 
+DGR_ESTIMATORS = PENALTY_ESTIMATORS + ("paper",)
+
 
 @dataclasses.dataclass(frozen=True)
 class DGRConfig:
-    """``weight`` is lambda (0 turns DGR off). ``method``: a ``dgr_penalty`` method, or
-    ``"paper"`` for the original finite-difference algorithm (``paper_dgr_encoder_grads``).
-    ``squared``: penalise ``||g||^2`` instead of ``||g||``. The original code's update is
-    ``DGRConfig(method="paper", squared=True, num_dummy=1, fd_eps=1e-3)``; the paper's text
-    (and our default) is the norm with K = 3."""
+    """``weight`` is lambda (0 turns DGR off). ``estimator``: one of ``dgr_penalty``'s
+    (``PENALTY_ESTIMATORS``), or ``"paper"`` for the original algorithm through the whole
+    model (``paper_dgr_encoder_grads``). ``squared``: penalise ``||g||^2`` instead of
+    ``||g||``. The original code's update is ``DGRConfig(estimator="paper", squared=True,
+    num_dummy=1, fd_eps=1e-3)``; the paper's text (and our default) is the norm, K = 3."""
 
     weight: float = 0.0
     num_dummy: int = 3
-    method: str = "exact"
+    estimator: str = "exact"
     squared: bool = False
     fd_eps: float = 1e-3
     # None: unroll the K dummy sets on CPU, vmap them elsewhere (see dgr_penalty).
@@ -48,15 +51,19 @@ class DGRConfig:
     def unrolled(self) -> bool:
         return jax.default_backend() == "cpu" if self.unroll_sets is None else self.unroll_sets
 
+    @property
+    def on(self) -> bool:
+        return self.weight > 0
+
     def __post_init__(self):
-        if self.method not in METHODS + ("paper",):
-            raise ValueError(f"DGRConfig: method must be one of {METHODS + ('paper',)}, got {self.method!r}")
-        if self.weight < 0:
-            raise ValueError(f"DGRConfig: weight must be >= 0, got {self.weight}")
+        if self.estimator not in DGR_ESTIMATORS:
+            raise ConfigError("DGRConfig", "estimator", f"must be one of {DGR_ESTIMATORS}, got {self.estimator!r}")
+        if not self.weight >= 0:
+            raise ConfigError("DGRConfig", "weight", f"must be >= 0, got {self.weight}")
         if self.num_dummy < 1:
-            raise ValueError(f"DGRConfig: num_dummy must be >= 1, got {self.num_dummy}")
+            raise ConfigError("DGRConfig", "num_dummy", f"must be >= 1, got {self.num_dummy}")
         if not self.fd_eps > 0:
-            raise ValueError(f"DGRConfig: fd_eps must be > 0, got {self.fd_eps}")
+            raise ConfigError("DGRConfig", "fd_eps", f"must be > 0, got {self.fd_eps}")
 
 
 def _forward(net, params, batch_stats, images, rng):
@@ -73,37 +80,21 @@ def task_losses_and_penalty(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
     """``(task_losses (T,), penalty, new_batch_stats)`` with the encoder run once.
 
     ``params``: ``{"encoder", "heads"}``. The penalty is the mean DGR penalty of the K
-    dummy sets on the same features (0 when ``dgr.weight == 0`` or ``method == "paper"``,
-    whose gradient ``paper_dgr_encoder_grads`` supplies instead).
+    dummy sets on the same features (0 when ``dgr.weight == 0`` or ``estimator ==
+    "paper"``, whose gradient ``paper_dgr_encoder_grads`` supplies instead).
     """
     images = batch["image"]
     features, outputs, new_batch_stats = _forward(net, params, batch_stats, images, rng)
     losses = task_losses(tasks)
     per_task = jnp.stack([losses[t.name](outputs[t.name], batch[t.name]) for t in tasks])
     penalty = jnp.zeros((), per_task.dtype)
-    if dgr.weight > 0 and dgr.method != "paper":
+    if dgr.on and dgr.estimator != "paper":
         penalty = heads_penalty(
             heads_apply_fn(net.heads, images.shape[1:3]), dummy_sets, features,
             {t.name: batch[t.name] for t in tasks}, losses,
-            method=dgr.method, squared=dgr.squared, fd_eps=dgr.fd_eps, unroll_sets=dgr.unrolled(),
+            estimator=dgr.estimator, squared=dgr.squared, fd_eps=dgr.fd_eps, unroll_sets=dgr.unrolled(),
         )
     return per_task, penalty, new_batch_stats
-
-
-def multitask_loss(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig, params: PyTree,
-                   batch_stats: PyTree, dummy_sets: PyTree, batch: Mapping[str, jax.Array],
-                   rng: jax.Array, task_weights: jax.Array | None = None):
-    """``sum_t w_t l_t + lambda * P``; returns ``(total, aux)``.
-
-    ``aux``: ``task_losses`` (array, tasks' order), ``penalty``, ``batch_stats``
-    (updated running statistics). With ``dgr.method == "paper"`` or ``weight == 0``
-    the penalty term is absent from the total (``penalty`` is then reported as 0).
-    """
-    per_task, penalty, new_batch_stats = task_losses_and_penalty(
-        net, tasks, dgr, params, batch_stats, dummy_sets, batch, rng)
-    weights = jnp.ones_like(per_task) if task_weights is None else task_weights
-    total = jnp.sum(weights * per_task) + dgr.weight * penalty
-    return total, {"task_losses": per_task, "penalty": penalty, "batch_stats": new_batch_stats}
 
 
 def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,

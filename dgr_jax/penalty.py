@@ -4,8 +4,9 @@ For dummy head parameters ``phi`` and a scalar loss ``L(phi, *args)`` write
 ``g = grad_phi L`` and ``u = g / ||g||``. The penalty is ``||g||`` (Frobenius norm
 over every leaf of ``phi``), or ``||g||**2`` with ``squared=True``. Its gradient
 with respect to any input ``x`` (shared features, encoder parameters, ...) is the
-mixed Hessian-vector product ``(dg/dx)^T u``. The three methods give the same value
-and differ only in how that gradient is formed:
+mixed Hessian-vector product ``(dg/dx)^T u``. The three estimators
+(``PENALTY_ESTIMATORS``) give the same value and differ only in how that gradient is
+formed:
 
 ``exact``
     ``P = jvp_phi L(phi, *args)[stop_gradient(u)] = <g, u> = ||g||``. Reverse mode of
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 PyTree = Any
 LossFn = Callable[..., jax.Array]
 
-METHODS = ("exact", "double_backprop", "finite_difference")
+PENALTY_ESTIMATORS = ("exact", "double_backprop", "finite_difference")
 
 
 def _tree_squared_norm(tree: PyTree) -> jax.Array:
@@ -109,11 +110,11 @@ _NORM_FNS = {
 }
 
 
-def _single_penalty(loss_fn, dummy_params, args, method, squared, fd_eps):
-    if method == "double_backprop" and squared:
+def _single_penalty(loss_fn, dummy_params, args, estimator, squared, fd_eps):
+    if estimator == "double_backprop" and squared:
         # The literal reference for the squared objective: sum of squares, no sqrt.
         return _tree_squared_norm(jax.grad(loss_fn)(dummy_params, *args))
-    norm = _NORM_FNS[method](loss_fn, dummy_params, args, fd_eps)
+    norm = _NORM_FNS[estimator](loss_fn, dummy_params, args, fd_eps)
     # d(n^2) = 2 n dn, with dn the method's gradient of ||g||: 2 (dg/dx)^T g for exact.
     return jnp.square(norm) if squared else norm
 
@@ -142,11 +143,12 @@ def dgr_penalty(
     loss_fn: LossFn,
     dummy_params: PyTree,
     *args: Any,
-    method: str = "exact",
+    estimator: str = "exact",
     squared: bool = False,
     fd_eps: float = 1e-3,
     stacked: bool = False,
     unroll_sets: bool = False,
+    method: str | None = None,
 ) -> jax.Array:
     """The DGR penalty ``||grad_{dummy_params} loss_fn(dummy_params, *args)||``.
 
@@ -158,29 +160,35 @@ def dgr_penalty(
         ``jax.vmap(init)``).
       *args: the rest of ``loss_fn``'s inputs (features, targets, ...). Gradients flow
         to every floating-point leaf of them.
-      method: ``"exact"`` (forward-over-reverse, default), ``"double_backprop"``
+      estimator: ``"exact"`` (forward-over-reverse, default), ``"double_backprop"``
         (reverse-over-reverse reference) or ``"finite_difference"`` (the paper's
         estimator, an ablation). All three return the same value.
       squared: penalise ``||g||**2`` (the objective of the original code) instead of
         ``||g||``; value and gradient are both those of the square.
-      fd_eps: step along ``g/||g||`` for ``method="finite_difference"``.
+      fd_eps: step along ``g/||g||`` for ``estimator="finite_difference"``.
       stacked: ``dummy_params`` holds K dummy sets on a leading axis; the result is
         the mean of the K penalties, computed with ``jax.vmap``.
       unroll_sets: with ``stacked``, compute the K penalties one after another in the
         same program instead of vmapped. Same value and gradient; vmap turns the
         heads' convolutions into grouped convolutions, which XLA:CPU runs slower than
         K separate ones (GPUs and TPUs favour vmap).
+      method: the former name of ``estimator``, still accepted.
 
     Returns:
       A scalar. Pure: works under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
     """
-    if method not in _NORM_FNS:
-        raise ValueError(f"dgr_penalty: unknown method {method!r}; choose one of {METHODS}")
-    if method == "finite_difference" and not fd_eps > 0:
+    if method is not None:
+        if estimator not in ("exact", method):
+            raise ValueError(f"dgr_penalty: estimator={estimator!r} and method={method!r} disagree; "
+                             "pass estimator only")
+        estimator = method
+    if estimator not in _NORM_FNS:
+        raise ValueError(f"dgr_penalty: unknown estimator {estimator!r}; choose one of {PENALTY_ESTIMATORS}")
+    if estimator == "finite_difference" and not fd_eps > 0:
         raise ValueError(f"dgr_penalty: fd_eps must be positive, got {fd_eps!r}")
 
     def single(params, *call_args):
-        return _single_penalty(loss_fn, params, call_args, method, squared, fd_eps)
+        return _single_penalty(loss_fn, params, call_args, estimator, squared, fd_eps)
 
     if not stacked:
         return single(dummy_params, *args)
@@ -238,25 +246,25 @@ def heads_penalty(
     targets: Mapping[str, Any],
     task_losses: Mapping[str, Callable[[jax.Array, Any], jax.Array]],
     *,
-    method: str = "exact",
+    estimator: str = "exact",
     squared: bool = False,
     fd_eps: float = 1e-3,
     unroll_sets: bool = False,
 ) -> jax.Array:
     """Mean DGR penalty of K stacked dummy head sets on already computed features.
 
-    This is DESIGN rule 1: the caller runs the encoder once, ``z = encoder(x)``, and
-    differentiates ``main_loss(z) + weight * heads_penalty(..., z, ...)``; the penalty
-    depends on the encoder only through ``z``, so one backward pass through the
-    encoder carries both gradients. ``features`` may be any pytree (MTAN: one entry
-    per task); ``apply_heads`` decides which head reads what.
+    The caller runs the encoder once, ``z = encoder(x)``, and differentiates
+    ``main_loss(z) + weight * heads_penalty(..., z, ...)``: the penalty depends on the
+    encoder only through ``z``, so one backward pass through the encoder carries both
+    gradients (docs/design.md, "Share the encoder backward"). ``features`` may be any
+    pytree (MTAN: one entry per task); ``apply_heads`` decides which head reads what.
     """
     return dgr_penalty(
         multitask_dummy_loss(apply_heads, task_losses),
         dummy_sets,
         features,
         targets,
-        method=method,
+        estimator=estimator,
         squared=squared,
         fd_eps=fd_eps,
         stacked=True,

@@ -1,11 +1,14 @@
 """Train state and the pure train step: ``step(state, batch) -> (state, metrics)``.
 
-The step differentiates ``objective.multitask_loss`` once with respect to the encoder
-and task-head parameters; the dummy sets live in the state but are never
-differentiated, updated or decayed. With ``dgr.method == "paper"`` the original
-finite-difference algorithm supplies the encoder's DGR gradient instead, added after
-the task gradients (as the original code does), and the BatchNorm running statistics
-are updated K + 1 times, as the original's extra train-mode forwards update them.
+The step differentiates ``objective.task_losses_and_penalty`` with respect to the
+encoder and task-head parameters; the dummy sets live in the state but are never
+differentiated, updated or decayed. The MTL method (``dgr_jax.methods``) turns the task
+losses, or for gradient methods the per-task gradients of the encoder, into one
+gradient; DGR's gradient is added after it. With ``dgr.estimator == "paper"`` the
+original finite-difference algorithm supplies the encoder's DGR gradient instead (added
+after the task gradients, as the original code does), and the BatchNorm running
+statistics are updated K + 1 times, as the original's extra train-mode forwards update
+them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dgr_jax import methods
+from dgr_jax.methods import MTLMethod, per_task_gradients, weighted_sum
 from dgr_jax.models import MultiTaskNet
-from dgr_jax import weighting
-from dgr_jax.objective import (DGRConfig, paper_dgr_encoder_grads, repeat_running_stats_update,
-                               task_losses_and_penalty)
+from dgr_jax.objective import (
+    DGRConfig,
+    paper_dgr_encoder_grads,
+    repeat_running_stats_update,
+    task_losses_and_penalty,
+)
 from dgr_jax.penalty import init_dummy_sets
 from dgr_jax.tasks import Task
-from dgr_jax.weighting import MTLMethod
 
 PyTree = Any
 
@@ -42,8 +49,9 @@ class TrainState:
 def init_train_state(net: MultiTaskNet, optimizer: optax.GradientTransformation, key: jax.Array,
                      sample_images: jax.Array, num_dummy: int, method: MTLMethod | None = None,
                      num_tasks: int | None = None) -> TrainState:
-    """Initialise model, K dummy sets (independent keys), method and optimizer state."""
-    method = method or weighting.equal()
+    """Initialise model, K dummy sets (independent keys), method and optimizer state.
+    Pure: ``jax.eval_shape`` of it is the state's structure (for restoring)."""
+    method = method or methods.equal()
     key_model, key_dummy, key_rng = jax.random.split(key, 3)
     variables = net.init(key_model, sample_images, train=False)
     features, outputs = net.apply(variables, sample_images, train=False)
@@ -66,14 +74,14 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
                     optimizer: optax.GradientTransformation, method: MTLMethod | None = None):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated.
 
-    The MTL method (``dgr_jax.weighting``) turns task losses (or, for gradient methods,
-    per-task gradients of the encoder) into one gradient; DGR's gradient is added to it
-    afterwards. For loss-weighting methods both happen in one backward pass (the
-    gradient is linear); gradient methods take the per-task gradients with T + 1 VJPs
-    sharing one forward pass.
+    Loss-weighting methods take one backward pass of ``total + lambda * P`` (the gradient
+    is linear); gradient methods (``method.needs_task_grads``) get the per-task gradients
+    from ``methods.per_task_gradients`` (T + 1 VJPs sharing one forward), combine the
+    encoder's, and DGR's gradient is added after the combination.
     """
-    method = method or weighting.equal()
+    method = method or methods.equal()
     num_tasks = len(tasks)
+    paper = dgr.estimator == "paper" and dgr.on
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -96,23 +104,16 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
                 total_loss, has_aux=True)(params)
             method_state = state.method_state
         else:
-            (per_task, dgr_term), vjp, (penalty, batch_stats) = jax.vjp(objective, model_params, has_aux=True)
-            cotangents = jnp.eye(num_tasks + 1, dtype=per_task.dtype)  # one row per task, then DGR
-            # T + 1 backward passes on one forward. Not jax.vmap over the cotangents: under
-            # jit (jax 0.10.2, CPU) that gave wrong gradients for the normal task's row
-            # (tests/test_train.py checks this path against separate jax.grad calls).
-            per_row = [vjp((c[:num_tasks], c[num_tasks]))[0] for c in cotangents]
-            rows = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *per_row)
-            task_grads = jax.tree_util.tree_map(lambda g: g[:num_tasks], rows)
-            dgr_grads = jax.tree_util.tree_map(lambda g: g[num_tasks], rows)
+            per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
+                objective, model_params, num_tasks)
             (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
                 params["method"], per_task, state.method_state)
             encoder, method_state = method.combine(task_grads["encoder"], per_task, weights, state.method_state)
-            heads, _ = weighting.weighted_sum(task_grads["heads"], per_task, weights, state.method_state)
+            heads, _ = weighted_sum(task_grads["heads"], per_task, weights, state.method_state)
             grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
             grads["method"] = method_grads
             total = method_total + dgr_term
-        if dgr.method == "paper" and dgr.weight > 0:
+        if paper:
             extra = paper_dgr_encoder_grads(net, tasks, dgr, model_params, state.batch_stats,
                                             state.dummy_sets, batch)
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
@@ -122,7 +123,7 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
         metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
         metrics["loss/total"] = total
         metrics["dgr/penalty"] = penalty
-        if dgr.method == "paper" and dgr.weight > 0:
+        if paper:
             metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
         metrics["grad_norm/encoder"] = optax.tree.norm(grads["encoder"])
         metrics["grad_norm/heads"] = optax.tree.norm(grads["heads"])

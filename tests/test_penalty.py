@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dgr_jax import METHODS, dgr_penalty, heads_penalty, init_dummy_sets, multitask_dummy_loss
+from dgr_jax import (
+    PENALTY_ESTIMATORS,
+    dgr_penalty,
+    heads_penalty,
+    init_dummy_sets,
+    multitask_dummy_loss,
+)
 
 
 def rel_err(a, b):
@@ -93,15 +99,15 @@ def brute_force(theta, phi, x, labels):
     }
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PENALTY_ESTIMATORS)
 def test_value_is_norm_of_grad(smooth_problem, method):
     theta, phi, x, labels = smooth_problem
     z = encoder(theta, x)
     g = jax.grad(head_loss)(phi, z, labels)
     expected = np.sqrt(sum(np.sum(np.asarray(leaf) ** 2) for leaf in jax.tree_util.tree_leaves(g)))
-    value = dgr_penalty(head_loss, phi, z, labels, method=method)
+    value = dgr_penalty(head_loss, phi, z, labels, estimator=method)
     np.testing.assert_allclose(value, expected, rtol=1e-12)
-    squared = dgr_penalty(head_loss, phi, z, labels, method=method, squared=True)
+    squared = dgr_penalty(head_loss, phi, z, labels, estimator=method, squared=True)
     np.testing.assert_allclose(squared, expected**2, rtol=1e-12)
 
 
@@ -109,7 +115,7 @@ def test_exact_and_double_backprop_match_brute_force_hessian(smooth_problem):
     theta, phi, x, labels = smooth_problem
     reference = brute_force(theta, phi, x, labels)
     grads = {
-        m: jax.grad(penalty_of_theta, argnums=(0, 1))(theta, phi, x, labels, method=m)
+        m: jax.grad(penalty_of_theta, argnums=(0, 1))(theta, phi, x, labels, estimator=m)
         for m in ("exact", "double_backprop")
     }
     assert rel_err(grads["exact"][0], grads["double_backprop"][0]) < 1e-10
@@ -122,18 +128,18 @@ def test_exact_and_double_backprop_match_brute_force_hessian(smooth_problem):
 def test_squared_gradient_is_twice_mixed_hessian_times_g(smooth_problem, method):
     theta, phi, x, labels = smooth_problem
     reference = brute_force(theta, phi, x, labels)
-    d_theta = jax.grad(penalty_of_theta)(theta, phi, x, labels, method=method, squared=True)
+    d_theta = jax.grad(penalty_of_theta)(theta, phi, x, labels, estimator=method, squared=True)
     assert rel_err(d_theta, reference["d_theta_squared"]) < 1e-10
 
 
 def test_finite_difference_converges_to_exact(smooth_problem, report):
     theta, phi, x, labels = smooth_problem
-    exact = jax.grad(penalty_of_theta)(theta, phi, x, labels, method="exact")
+    exact = jax.grad(penalty_of_theta)(theta, phi, x, labels, estimator="exact")
     epsilons = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
     errors = []
     for eps in epsilons:
         fd = jax.grad(penalty_of_theta)(
-            theta, phi, x, labels, method="finite_difference", fd_eps=eps
+            theta, phi, x, labels, estimator="finite_difference", fd_eps=eps
         )
         errors.append(rel_err(fd, exact))
     report("finite difference vs exact, smooth float64 MLP (d penalty / d encoder params):")
@@ -145,18 +151,18 @@ def test_finite_difference_converges_to_exact(smooth_problem, report):
         assert fine < coarse / 5
     assert errors[-1] < 1e-4
     fd_squared = jax.grad(penalty_of_theta)(
-        theta, phi, x, labels, method="finite_difference", fd_eps=1e-6, squared=True
+        theta, phi, x, labels, estimator="finite_difference", fd_eps=1e-6, squared=True
     )
     assert rel_err(fd_squared, brute_force(theta, phi, x, labels)["d_theta_squared"]) < 1e-4
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PENALTY_ESTIMATORS)
 @pytest.mark.parametrize("squared", (False, True))
 def test_stacked_is_mean_of_single_calls(smooth_problem, method, squared):
     theta, _, x, labels = smooth_problem
     heads = [make_head(k) for k in jax.random.split(jax.random.PRNGKey(7), 3)]
     stacked_heads = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *heads)
-    kwargs = dict(method=method, squared=squared)
+    kwargs = dict(estimator=method, squared=squared)
 
     def mean_of_singles(theta):
         return sum(penalty_of_theta(theta, h, x, labels, **kwargs) for h in heads) / len(heads)
@@ -173,7 +179,7 @@ def test_stacked_is_mean_of_single_calls(smooth_problem, method, squared):
     assert rel_err(jax.grad(unrolled)(theta), jax.grad(mean_of_singles)(theta)) < 1e-10
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PENALTY_ESTIMATORS)
 @pytest.mark.parametrize("squared", (False, True))
 def test_zero_gradient_gives_zero_penalty_and_finite_gradients(method, squared):
     def loss(phi, z):
@@ -181,9 +187,9 @@ def test_zero_gradient_gives_zero_penalty_and_finite_gradients(method, squared):
 
     phi = jnp.arange(1.0, 4.0)
     z = jnp.zeros(3)
-    value = dgr_penalty(loss, phi, z, method=method, squared=squared)
+    value = dgr_penalty(loss, phi, z, estimator=method, squared=squared)
     d_phi, d_z = jax.grad(
-        lambda p, z: dgr_penalty(loss, p, z, method=method, squared=squared), argnums=(0, 1)
+        lambda p, z: dgr_penalty(loss, p, z, estimator=method, squared=squared), argnums=(0, 1)
     )(phi, z)
     assert float(value) == 0.0
     assert np.all(np.isfinite(d_phi)) and np.all(np.isfinite(d_z))
@@ -203,13 +209,13 @@ def test_jit_compiles_once(smooth_problem):
     assert rel_err(first, second) > 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PENALTY_ESTIMATORS)
 def test_vmap_over_examples_matches_loop(smooth_problem, method):
     theta, phi, x, labels = smooth_problem
     z = encoder(theta, x)
 
     def one(z_row, label):
-        return dgr_penalty(head_loss, phi, z_row[None], label[None], method=method)
+        return dgr_penalty(head_loss, phi, z_row[None], label[None], estimator=method)
 
     batched = jax.vmap(one)(z, labels)
     looped = jnp.stack([one(z[i], labels[i]) for i in range(NUM_EXAMPLES)])
@@ -218,10 +224,17 @@ def test_vmap_over_examples_matches_loop(smooth_problem, method):
 
 def test_bad_arguments_raise_one_line_errors(smooth_problem):
     _, phi, x, labels = smooth_problem
-    with pytest.raises(ValueError, match="unknown method 'newton'"):
-        dgr_penalty(head_loss, phi, x, labels, method="newton")
+    with pytest.raises(ValueError, match="unknown estimator 'newton'"):
+        dgr_penalty(head_loss, phi, x, labels, estimator="newton")
+    # `method` is the former name of `estimator`, still accepted.
+    theta = smooth_problem[0]
+    z = encoder(theta, x)
+    np.testing.assert_array_equal(dgr_penalty(head_loss, phi, z, labels, method="double_backprop"),
+                                  dgr_penalty(head_loss, phi, z, labels, estimator="double_backprop"))
+    with pytest.raises(ValueError, match="disagree"):
+        dgr_penalty(head_loss, phi, x, labels, estimator="double_backprop", method="finite_difference")
     with pytest.raises(ValueError, match="fd_eps must be positive"):
-        dgr_penalty(head_loss, phi, x, labels, method="finite_difference", fd_eps=0.0)
+        dgr_penalty(head_loss, phi, x, labels, estimator="finite_difference", fd_eps=0.0)
     ragged = {"w": jnp.zeros((3, NUM_HIDDEN, NUM_CLASSES)), "b": jnp.zeros((2, NUM_CLASSES))}
     with pytest.raises(ValueError, match=r"leading \(dummy set\) axis: 2 at \['b'\], 3 at \['w'\]"):
         dgr_penalty(head_loss, ragged, x, labels, stacked=True)
@@ -287,11 +300,11 @@ def test_heads_penalty_calls_encoder_once_and_matches_brute_force(smooth_problem
     theta_flat, unravel_theta = ravel_pytree(theta)
     expected = []
     for k in range(2):
-        phi_k = jax.tree_util.tree_map(lambda a: a[k], dummy_sets)
+        phi_k = jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets)
         phi_flat, unravel_phi = ravel_pytree(phi_k)
         n = phi_flat.size
 
-        def flat_loss(v):
+        def flat_loss(v, unravel_phi=unravel_phi, n=n):
             outputs = apply_heads(unravel_phi(v[:n]), encoder(unravel_theta(v[n:]), x))
             return cross_entropy(outputs["a"], targets["a"]) + squared_error(
                 outputs["b"], targets["b"]
@@ -338,10 +351,10 @@ def test_relu_conv_head_exact_matches_double_backprop_in_float32(report):
         return cross_entropy(logits.reshape(-1, 4), y.reshape(-1))
 
     grads = {
-        method: jax.jit(jax.grad(lambda z, m=method: dgr_penalty(loss, dummy, z, labels, method=m)))(
+        method: jax.jit(jax.grad(lambda z, m=method: dgr_penalty(loss, dummy, z, labels, estimator=m)))(
             features
         )
-        for method in METHODS
+        for method in PENALTY_ESTIMATORS
     }
     assert all(g.dtype == jnp.float32 for g in grads.values())
     exact_vs_reference = rel_err(grads["exact"], grads["double_backprop"])

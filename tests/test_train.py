@@ -14,7 +14,7 @@ from dgr_jax.tasks import NYUV2, task_losses
 from dgr_jax.train import init_train_state, make_train_step
 from experiments._bench import random_batch
 
-TINY = ModelConfig(network="split", depth=18, base_width=4, head_width=8, stage_sizes=(1, 1, 1, 1))
+TINY = ModelConfig(network="split", backbone="resnet18", base_width=4, head_width=8, stage_sizes=(1, 1, 1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def setup():
 @pytest.mark.parametrize("method", ["none", "exact", "double_backprop", "finite_difference", "paper"])
 def test_step_trains_heads_and_encoder_and_leaves_dummy_sets_alone(setup, method):
     net, batch = setup
-    dgr = DGRConfig(weight=0.0 if method == "none" else 0.5, method="exact" if method == "none" else method)
+    dgr = DGRConfig(weight=0.0 if method == "none" else 0.5, estimator="exact" if method == "none" else method)
     optimizer = optax.sgd(0.01, momentum=0.9)
     state = init_train_state(net, optimizer, jax.random.PRNGKey(0), batch["image"], dgr.num_dummy)
     before = jax.tree_util.tree_map(np.asarray, state)
@@ -65,7 +65,7 @@ def test_paper_estimator_approximates_gradient_of_norm_or_squared_norm(setup, sq
     batch = as64(batch)
     state = init_train_state(net, optax.sgd(0.1), jax.random.PRNGKey(1), batch["image"], num_dummy)
     params, batch_stats, dummy = as64(state.params), as64(state.batch_stats), as64(state.dummy_sets)
-    dgr = DGRConfig(weight=0.7, num_dummy=num_dummy, method="paper", fd_eps=1e-6, squared=squared)
+    dgr = DGRConfig(weight=0.7, num_dummy=num_dummy, estimator="paper", fd_eps=1e-6, squared=squared)
     estimate = paper_dgr_encoder_grads(net, NYUV2, dgr, params, batch_stats, dummy, batch)
 
     def penalty(encoder_params):
@@ -102,12 +102,15 @@ def test_original_code_update_is_paper_squared_one_dummy_set_and_equals_its_form
     update minus the task gradient equals lambda * 2 (L+ - L)(G+ - G) / eps^2, written here
     from the DGR repository's compute_hessian, in float64; and the step's running
     statistics are those of two train-mode forwards, as the original's."""
-    from experiments.train_lib import RunConfig
+    from experiments.cli import build_config, make_parser
+    from experiments.datasets import DATASETS
 
     net, batch = setup
     batch = as64(batch)
-    dgr = RunConfig(dgr_weight=0.3, dgr_method="paper", squared_norm=True, num_dummy=1).dgr_config()
-    assert (dgr.method, dgr.squared, dgr.num_dummy, dgr.fd_eps) == ("paper", True, 1, 1e-3)
+    argv = ["--synthetic", "--dgr_weight", "0.3", "--dgr_method", "paper", "--squared_norm", "--num_dummy", "1"]
+    spec = DATASETS["nyuv2"]
+    dgr = build_config(spec, make_parser(spec).parse_args(argv)).dgr
+    assert (dgr.estimator, dgr.squared, dgr.num_dummy, dgr.fd_eps) == ("paper", True, 1, 1e-3)
     optimizer = optax.sgd(1.0)  # new params = old - grads
     state = as64(init_train_state(net, optimizer, jax.random.PRNGKey(3), batch["image"], 1))
     new_state, _ = jax.jit(make_train_step(net, NYUV2, dgr, optimizer))(state, batch)
@@ -164,11 +167,12 @@ def test_repeated_running_statistics_update_equals_updating_in_a_loop():
 
 
 def test_gradient_method_path_combines_task_gradients_then_adds_dgr(setup):
-    """A method with ``needs_task_grads`` gets per-task encoder gradients (one vmapped
-    VJP) and DGR's gradient is added after its combination: checked against T separate
-    ``jax.grad`` calls, normalised and summed here, plus lambda * grad P."""
+    """A method with ``needs_task_grads`` gets per-task encoder gradients
+    (``methods.per_task_gradients``) and DGR's gradient is added after its combination:
+    checked against T separate ``jax.grad`` calls, normalised and summed here, plus
+    lambda * grad P."""
+    from dgr_jax.methods import MTLMethod, get_method
     from dgr_jax.objective import task_losses_and_penalty
-    from dgr_jax.weighting import MTLMethod, get_method, weighted_sum
 
     net, batch = setup
     equal = get_method("equal")
@@ -202,4 +206,3 @@ def test_gradient_method_path_combines_task_gradients_then_adds_dgr(setup):
     # float32 model: compare as vectors (per-element noise ~1e-5 of the largest entries).
     for got, want in ((got_encoder, want_encoder), (got_heads, want_heads)):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
-    del weighted_sum

@@ -1,4 +1,5 @@
-"""MTL methods: each against a hand computation, and the interface from a train step's view."""
+"""MTL methods: each against a hand computation, and the interface through the library's
+own ``per_task_gradients`` and ``train.make_train_step``."""
 
 import math
 
@@ -8,7 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgr_jax.weighting import METHODS, MTLMethod, dwa, equal, get_method, uncertainty, weighted_sum
+from dgr_jax.methods import (
+    METHODS,
+    DWAState,
+    UncertaintyParams,
+    dwa,
+    equal,
+    get_method,
+    per_task_gradients,
+    uncertainty,
+    weighted_sum,
+)
 
 F64 = jnp.float64
 
@@ -36,10 +47,11 @@ def test_dwa_weights_follow_epoch_average_loss_ratios():
     # Epochs 0 and 1: weights 1, whatever the losses.
     np.testing.assert_array_equal(method.loss(params, losses, state)[1], np.ones(3))
     state = _feed_epoch(method, state, [[1.0, 3.0, 0.25], [1.0, 1.0, 0.75]])  # average [1, 2, 0.5]
-    np.testing.assert_array_equal(state["epoch_losses"][1], [1.0, 2.0, 0.5])
+    assert isinstance(state, DWAState)
+    np.testing.assert_array_equal(state.epoch_losses[1], [1.0, 2.0, 0.5])
     np.testing.assert_array_equal(method.loss(params, losses, state)[1], np.ones(3))
     state = _feed_epoch(method, state, [[0.8, 1.0, 0.6]])
-    assert int(state["epoch"]) == 2
+    assert int(state.epoch) == 2
 
     # Epoch 2: r = L(1) / L(0) = [0.8, 0.5, 1.2]; w = 3 exp(r/2) / sum exp(r/2).
     e = [math.exp(0.8 / 2), math.exp(0.5 / 2), math.exp(1.2 / 2)]
@@ -48,17 +60,17 @@ def test_dwa_weights_follow_epoch_average_loss_ratios():
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
     np.testing.assert_allclose(total, 2.0 * expected[0] + expected[1] + 0.5 * expected[2], rtol=1e-12)
     # Weights are constants for the gradient.
-    grad = jax.grad(lambda l: method.loss(params, l, state)[0])(losses)
+    grad = jax.grad(lambda values: method.loss(params, values, state)[0])(losses)
     np.testing.assert_allclose(grad, expected, rtol=1e-12)
 
     # end_epoch rolls the history and resets the running mean.
     state = method.update(state, jnp.array([0.4, 1.0, 0.3], F64))
     state = method.update(state, jnp.array([0.4, 0.8, 0.9], F64))
-    assert int(state["num_steps"]) == 2
+    assert int(state.num_examples) == 2
     state = method.end_epoch(state)
-    np.testing.assert_allclose(state["epoch_losses"], [[0.8, 1.0, 0.6], [0.4, 0.9, 0.6]], rtol=1e-12)
-    np.testing.assert_array_equal(state["loss_sum"], np.zeros(3))
-    assert int(state["num_steps"]) == 0 and int(state["epoch"]) == 3
+    np.testing.assert_allclose(state.epoch_losses, [[0.8, 1.0, 0.6], [0.4, 0.9, 0.6]], rtol=1e-12)
+    np.testing.assert_array_equal(state.loss_sum, np.zeros(3))
+    assert int(state.num_examples) == 0 and int(state.epoch) == 3
     e = [math.exp(0.5 / 2), math.exp(0.9 / 2), math.exp(1.0 / 2)]
     np.testing.assert_allclose(method.loss(params, losses, state)[1], [3 * v / sum(e) for v in e], rtol=1e-12)
 
@@ -68,7 +80,8 @@ def test_uncertainty_defaults_are_the_original_codes_form_from_minus_0_7():
     logsigma = torch.tensor([-0.7] * T) weight-decayed in the same SGD group."""
     method = uncertainty()
     params, state = method.init(3, F64)
-    np.testing.assert_array_equal(params["log_var"], np.full(3, -0.7))
+    assert isinstance(params, UncertaintyParams)
+    np.testing.assert_array_equal(params.log_var, np.full(3, -0.7))
     assert method.decay_params
     losses = jnp.array([0.3, 1.7, 4.0], F64)
     total, weights = method.loss(params, losses, state)
@@ -76,36 +89,36 @@ def test_uncertainty_defaults_are_the_original_codes_form_from_minus_0_7():
     np.testing.assert_allclose(weights, np.full(3, 1.0068763537352383), rtol=1e-14)
     np.testing.assert_allclose(total, 1.0068763537352383 * 6.0 + 3 * (-0.35), rtol=1e-14)
     w = np.array([-0.5, 0.2, 1.1])
-    total, weights = method.loss({"log_var": jnp.asarray(w)}, losses, state)
-    l = np.asarray(losses)
-    np.testing.assert_allclose(total, np.sum(l / (2 * np.exp(w)) + w / 2), rtol=1e-14)
+    total, weights = method.loss(UncertaintyParams(jnp.asarray(w)), losses, state)
+    values = np.asarray(losses)
+    np.testing.assert_allclose(total, np.sum(values / (2 * np.exp(w)) + w / 2), rtol=1e-14)
     np.testing.assert_allclose(weights, 1 / (2 * np.exp(w)), rtol=1e-14)
 
 
 def test_uncertainty_kendall_form_total_gradient_and_optimum_match_closed_form():
     method = get_method("uncertainty", scale=1.0, initial_log_var=0.0, weight_decay=False)
     params, state = method.init(3, F64)
-    np.testing.assert_array_equal(params["log_var"], np.zeros(3))
+    np.testing.assert_array_equal(params.log_var, np.zeros(3))
     assert not method.decay_params
     losses = jnp.array([0.3, 1.7, 4.0], F64)
     log_var = jnp.array([-0.5, 0.2, 1.1], F64)
-    total, weights = method.loss({"log_var": log_var}, losses, state)
-    s, l = np.asarray(log_var), np.asarray(losses)
-    np.testing.assert_allclose(total, np.sum(np.exp(-s) * l + s), rtol=1e-14)
+    total, weights = method.loss(UncertaintyParams(log_var), losses, state)
+    s, loss_values = np.asarray(log_var), np.asarray(losses)
+    np.testing.assert_allclose(total, np.sum(np.exp(-s) * loss_values + s), rtol=1e-14)
     np.testing.assert_allclose(weights, np.exp(-s), rtol=1e-14)
 
-    def total_of(p, l):
-        return method.loss(p, l, state)[0]
+    def total_of(p, values):
+        return method.loss(p, values, state)[0]
 
-    grad_s, grad_l = jax.grad(total_of, argnums=(0, 1))({"log_var": log_var}, losses)
-    np.testing.assert_allclose(grad_s["log_var"], -np.exp(-s) * l + 1.0, rtol=1e-14)
+    grad_s, grad_l = jax.grad(total_of, argnums=(0, 1))(UncertaintyParams(log_var), losses)
+    np.testing.assert_allclose(grad_s.log_var, -np.exp(-s) * loss_values + 1.0, rtol=1e-14)
     np.testing.assert_allclose(grad_l, np.exp(-s), rtol=1e-14)
 
     # s* = log l: the gradient vanishes there and the total is larger on both sides.
-    optimum = {"log_var": jnp.log(losses)}
-    np.testing.assert_allclose(jax.grad(total_of)(optimum, losses)["log_var"], np.zeros(3), atol=1e-14)
+    optimum = UncertaintyParams(jnp.log(losses))
+    np.testing.assert_allclose(jax.grad(total_of)(optimum, losses).log_var, np.zeros(3), atol=1e-14)
     for shift in (-0.1, 0.1):
-        assert float(total_of({"log_var": jnp.log(losses) + shift}, losses)) > float(total_of(optimum, losses))
+        assert float(total_of(UncertaintyParams(jnp.log(losses) + shift), losses)) > float(total_of(optimum, losses))
 
 
 def test_dwa_epoch_average_weighs_a_short_last_batch_by_its_size():
@@ -120,7 +133,7 @@ def test_dwa_epoch_average_weighs_a_short_last_batch_by_its_size():
         running = r * running + (1 - r) * np.asarray(losses)
         counter += 1
     state = method.end_epoch(state)
-    np.testing.assert_allclose(state["epoch_losses"][1], running, rtol=1e-14)
+    np.testing.assert_allclose(state.epoch_losses[1], running, rtol=1e-14)
     np.testing.assert_allclose(running, [(4 + 12 + 1) / 10, (16 + 8 + 18) / 10], rtol=1e-14)
 
 
@@ -173,112 +186,68 @@ def test_registry_and_argument_checks():
         dwa().loss(params, jnp.ones(2), state)
 
 
-# --- The interface from a train step's point of view -------------------------------------
-
-T = 3
-DGR_WEIGHT = 0.7
+# --- The interface through the library's step ----------------------------------------
 
 
-def _toy_problem():
+def test_per_task_gradients_equal_separate_gradients():
+    """One forward, T + 1 VJPs: each row against its own jax.grad (float64 toy model)."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(6, 4)))
-    targets = jnp.asarray(rng.normal(size=(6, T)))
-    model = {"encoder": jnp.asarray(rng.normal(size=(4, 5))), "heads": jnp.asarray(rng.normal(size=(5, T)))}
+    x, targets = jnp.asarray(rng.normal(size=(6, 4))), jnp.asarray(rng.normal(size=(6, 3)))
+    params = {"encoder": jnp.asarray(rng.normal(size=(4, 5))), "heads": jnp.asarray(rng.normal(size=(5, 3)))}
 
-    def objective(model):
-        """Per-task losses and the DGR term; the encoder runs once. P = ||W||^2 / 2, grad W."""
-        features = jnp.tanh(x @ model["encoder"])
-        losses = jnp.mean(jnp.square(features @ model["heads"] - targets), axis=0)
-        return losses, DGR_WEIGHT * 0.5 * jnp.sum(jnp.square(model["encoder"]))
+    def objective(p):
+        features = jnp.tanh(x @ p["encoder"])
+        losses = jnp.mean(jnp.square(features @ p["heads"] - targets), axis=0)
+        return (losses, 0.7 * jnp.sum(jnp.square(p["encoder"]))), "aux"
 
-    return model, objective
-
-
-def _train_step_grads(method, objective, params, mstate, force_task_grads=False):
-    """The train step of the module docstring, verbatim up to names."""
-    tree_map = jax.tree_util.tree_map
-
-    def model_of(p):
-        return {"encoder": p["encoder"], "heads": p["heads"]}
-
-    if not (method.needs_task_grads or force_task_grads):
-        def f(params):
-            losses, dgr_term = objective(model_of(params))
-            total, w = method.loss(params["method"], losses, mstate)
-            return total + dgr_term, (losses, w)
-
-        grads, (losses, w) = jax.grad(f, has_aux=True)(params)
-    else:
-        (losses, _), vjp = jax.vjp(objective, model_of(params))
-        cotangents = jnp.eye(T + 1, dtype=losses.dtype)
-        rows = jax.vmap(lambda c: vjp((c[:T], c[T]))[0])(cotangents)
-        task_grads, dgr_grads = tree_map(lambda g: g[:T], rows), tree_map(lambda g: g[T], rows)
-        (_, w), method_grads = jax.value_and_grad(method.loss, has_aux=True)(params["method"], losses, mstate)
-        encoder, mstate = method.combine(task_grads["encoder"], losses, w, mstate)
-        heads, _ = weighted_sum(task_grads["heads"], losses, w, mstate)
-        grads = tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
-        grads["method"] = method_grads
-    return grads, method.update(mstate, jax.lax.stop_gradient(losses))
+    losses, extra, task_grads, extra_grads, aux = per_task_gradients(objective, params, 3)
+    assert aux == "aux" and task_grads["encoder"].shape == (3, 4, 5)
+    for t in range(3):
+        want = jax.grad(lambda p, t=t: objective(p)[0][0][t])(params)
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda g, t=t: g[t], task_grads), want, rtol=1e-12)
+    chex.assert_trees_all_close(extra_grads, jax.grad(lambda p: objective(p)[0][1])(params), rtol=1e-12)
+    np.testing.assert_allclose(extra, 0.7 * np.sum(np.square(params["encoder"])), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"task losses of shape \(3,\), expected \(2,\)"):
+        per_task_gradients(objective, params, 2)
 
 
-def _dwa_after_two_epochs():
-    method = dwa()
-    _, state = method.init(T, F64)
-    state = _feed_epoch(method, state, [[1.0, 2.0, 0.5]])
-    return method, _feed_epoch(method, state, [[0.8, 1.0, 0.6]])
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    from dgr_jax.models import ModelConfig, build_model
+    from dgr_jax.tasks import MULTIDIGITS
+    from experiments._bench import random_batch
+
+    net = build_model(ModelConfig(network="classifier", backbone="resnet18", base_width=4,
+                                  stage_sizes=(1, 1, 1, 1), classifier_hidden=8), MULTIDIGITS)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(MULTIDIGITS, 6, 12, 24).items()}
+    return net, MULTIDIGITS, batch
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_cheap_path_equals_task_gradient_path_for_loss_weighting(name):
-    """By linearity, one gradient of the weighted total = weighted_sum of task grads + DGR."""
-    model, objective = _toy_problem()
-    if name == "dwa":
-        method, mstate = _dwa_after_two_epochs()
-        method_params = {}
-    else:
-        method = get_method(name)
-        method_params, mstate = method.init(T, F64)
-        if name == "uncertainty":
-            method_params = {"log_var": jnp.array([0.3, -0.4, 0.9], F64)}
-    params = {**model, "method": method_params}
-    cheap, state_cheap = _train_step_grads(method, objective, params, mstate)
-    full, state_full = _train_step_grads(method, objective, params, mstate, force_task_grads=True)
-    chex.assert_trees_all_close(cheap, full, rtol=1e-12, atol=1e-14)
-    chex.assert_trees_all_close(state_cheap, state_full)
+def test_cheap_path_equals_task_gradient_path_in_the_train_step(tiny_classifier, name):
+    """By linearity, one gradient of the weighted total (the cheap path) equals
+    weighted_sum of the per-task gradients plus DGR's (the gradient-method path), through
+    ``make_train_step`` itself, for every loss-weighting method."""
+    import optax
+
+    from dgr_jax.objective import DGRConfig
+    from dgr_jax.train import init_train_state, make_train_step
+
+    net, tasks, batch = tiny_classifier
+    method = get_method(name)
+    dgr = DGRConfig(weight=0.4, num_dummy=2)
+    optimizer = optax.sgd(1.0)
+    state = init_train_state(net, optimizer, jax.random.PRNGKey(0), batch["image"], 2, method, len(tasks))
+    state = jax.tree_util.tree_map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    if name == "uncertainty":
+        state = state.replace(params={**state.params, "method": UncertaintyParams(jnp.array([0.3, -0.4], F64))})
+    if name == "dwa":  # weights that are not all 1
+        state = state.replace(method_state=DWAState(jnp.array([[1.0, 2.0], [0.8, 1.0]], F64), jnp.zeros(2, F64),
+                                                    jnp.zeros((), jnp.int32), jnp.full((), 2, jnp.int32)))
+    cheap, cheap_metrics = make_train_step(net, tasks, dgr, optimizer, method)(state, batch)
+    full, _ = make_train_step(net, tasks, dgr, optimizer, method._replace(needs_task_grads=True))(state, batch)
+    chex.assert_trees_all_close(cheap.params, full.params, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(cheap.method_state, full.method_state)
     if name != "equal":  # the weights are not all 1, so this test can tell weighted from plain sums
-        _, w = method.loss(method_params, objective(model)[0], mstate)
-        assert float(jnp.max(jnp.abs(w - 1.0))) > 0.05
-
-
-def _normalised_sum() -> MTLMethod:
-    """A toy gradient method: sum_t g_t / ||g_t||, with a step counter as state."""
-
-    def init(num_tasks, dtype=jnp.float32):
-        return {}, {"combines": jnp.zeros((), jnp.int32)}
-
-    def loss(params, task_losses, state):
-        return jnp.sum(task_losses), jnp.ones_like(task_losses)
-
-    def combine(task_grads, task_losses, weights, state):
-        leaves = jax.tree_util.tree_leaves(task_grads)
-        norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves))
-        combined = jax.tree_util.tree_map(lambda g: jnp.tensordot(1.0 / norms, g, axes=1), task_grads)
-        return combined, {"combines": state["combines"] + 1}
-
-    return MTLMethod(init=init, loss=loss, combine=combine, needs_task_grads=True)
-
-
-def test_gradient_method_fits_the_interface_and_dgr_is_added_after_combination():
-    model, objective = _toy_problem()
-    method = _normalised_sum()
-    method_params, mstate = method.init(T)
-    params = {**model, "method": method_params}
-    grads, mstate = jax.jit(lambda p, s: _train_step_grads(method, objective, p, s))(params, mstate)
-    assert int(mstate["combines"]) == 1
-
-    # Reference: T separate backward passes, normalised in numpy, then + lambda * grad P = lambda * W.
-    per_task = [jax.grad(lambda m, t=t: objective(m)[0][t])(model) for t in range(T)]
-    encoder = sum(np.asarray(g["encoder"]) / np.linalg.norm(np.asarray(g["encoder"])) for g in per_task)
-    np.testing.assert_allclose(grads["encoder"], encoder + DGR_WEIGHT * np.asarray(model["encoder"]), rtol=1e-12)
-    np.testing.assert_allclose(grads["heads"], sum(np.asarray(g["heads"]) for g in per_task), rtol=1e-12)
-    assert grads["method"] == {}
+        weights = np.array([float(cheap_metrics[f"weight/{t.name}"]) for t in tasks])
+        assert np.max(np.abs(weights - 1.0)) > 0.05

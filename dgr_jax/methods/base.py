@@ -1,0 +1,120 @@
+"""The interface every multi-task method fills in, and the per-task gradients it may need.
+
+A method is an :class:`MTLMethod`, a NamedTuple of pure functions in the spirit of an
+optax transform. Loss-weighting methods (equal, DWA, uncertainty, ...) and gradient
+methods (PCGrad, CAGrad, ...) fill in the same fields, so the train step never asks
+which method it runs:
+
+``init(num_tasks, dtype=float32) -> (params, state)``
+    ``params``: learnable method parameters (uncertainty's log-variances; ``()`` for
+    most methods). They live in ``TrainState.params["method"]`` and are trained by the
+    model's optimizer. ``state``: everything else (DWA's loss history, a PRNG key for a
+    randomised method, a solver's warm start), a typed NamedTuple of arrays.
+``loss(params, task_losses, state) -> (total, weights)``
+    The scalar the step differentiates, before DGR, from the per-task losses ``(T,)``.
+    ``weights`` ``(T,)`` are the effective task weights ``d total / d task_losses``:
+    logged as metrics and handed to ``combine``.
+``combine(task_grads, task_losses, weights, state) -> (grads, state)``
+    From the per-task gradients of the *shared* parameters, stacked on a leading task
+    axis ``(T, ...)``, to one gradient. Default :func:`weighted_sum`, ``sum_t w_t g_t``,
+    which is what differentiating ``total`` gives; gradient methods override it.
+``update(state, task_losses, num_examples) -> state``
+    Once per step, with the step's (detached) task losses and the number of examples in
+    its batch (a short last batch counts for less). Default: unchanged.
+``end_epoch(state) -> state``
+    Once per epoch, outside or inside jit (pure). Default: unchanged.
+``needs_task_grads``
+    False: the step differentiates ``total + lambda * P`` once (the cheap path; by
+    linearity it equals ``weighted_sum`` of the task gradients plus the DGR gradient).
+    True: the step takes the per-task gradients of the shared parameters with
+    :func:`per_task_gradients`, calls ``combine`` and only then adds DGR's gradient
+    ``lambda * grad P``, as the original code does; task heads and method parameters
+    still get ``grad total``.
+``decay_params``
+    Whether ``params`` get the model's weight decay (the original code puts uncertainty's
+    log-variances in the same SGD parameter group as the network's weights).
+
+``dgr_jax.train.make_train_step`` is the one train step built on this contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class NoState(NamedTuple):
+    """The state (or params) of a method that keeps none."""
+
+
+def weighted_sum(task_grads: PyTree, task_losses: jax.Array, weights: jax.Array,
+                 state: PyTree) -> tuple[PyTree, PyTree]:
+    """``sum_t w_t g_t`` over the leading task axis of every leaf; state unchanged."""
+    del task_losses
+    weights = jax.lax.stop_gradient(weights)
+
+    def combine_leaf(g):
+        if g.shape[:1] != weights.shape:
+            raise ValueError(f"weighted_sum: task gradients have leading axis {g.shape[:1]}, "
+                             f"weights have shape {weights.shape}")
+        return jnp.tensordot(weights.astype(g.dtype), g, axes=1)
+
+    return jax.tree_util.tree_map(combine_leaf, task_grads), state
+
+
+def unchanged_after_step(state: PyTree, task_losses: jax.Array, num_examples: int | jax.Array = 1) -> PyTree:
+    del task_losses, num_examples
+    return state
+
+
+def unchanged(state: PyTree) -> PyTree:
+    return state
+
+
+class MTLMethod(NamedTuple):
+    """A multi-task method; see the module docstring for each field's contract."""
+
+    init: Callable[..., tuple[PyTree, PyTree]]
+    loss: Callable[[PyTree, jax.Array, PyTree], tuple[jax.Array, jax.Array]]
+    combine: Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple[PyTree, PyTree]] = weighted_sum
+    update: Callable[..., PyTree] = unchanged_after_step
+    end_epoch: Callable[[PyTree], PyTree] = unchanged
+    needs_task_grads: bool = False
+    decay_params: bool = False
+
+
+def check_num_tasks(name: str, num_tasks: int) -> None:
+    if num_tasks < 1:
+        raise ValueError(f"{name}: num_tasks must be >= 1, got {num_tasks}")
+
+
+def check_losses(name: str, task_losses: jax.Array, num_tasks: int | None = None) -> None:
+    if task_losses.ndim != 1 or (num_tasks is not None and task_losses.shape[0] != num_tasks):
+        expected = "(T,)" if num_tasks is None else f"({num_tasks},)"
+        raise ValueError(f"{name}: task_losses must have shape {expected}, got {task_losses.shape}")
+
+
+def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
+    """Per-task gradients of ``objective`` on one forward pass.
+
+    ``objective(params) -> ((task_losses (T,), extra scalar), aux)``; ``extra`` is a term
+    that is not a task's (the weighted DGR penalty). Returns ``(task_losses, extra,
+    task_grads, extra_grads, aux)``: ``task_grads`` holds ``d task_losses[t] / d params``
+    stacked on a leading axis of size T, ``extra_grads`` is ``d extra / d params``.
+
+    One forward, T + 1 VJPs of it. Not ``jax.vmap`` over the cotangents: under jit
+    (jax 0.10.2, CPU) that gave wrong rows for the normal task (tested against separate
+    ``jax.grad`` calls).
+    """
+    (task_losses, extra), vjp, aux = jax.vjp(objective, params, has_aux=True)
+    if task_losses.shape != (num_tasks,):
+        raise ValueError(f"per_task_gradients: the objective returned task losses of shape "
+                         f"{task_losses.shape}, expected ({num_tasks},)")
+    cotangents = jnp.eye(num_tasks + 1, dtype=task_losses.dtype)  # one row per task, then the extra term
+    rows = [vjp((c[:num_tasks], c[num_tasks].astype(extra.dtype)))[0] for c in cotangents]
+    task_grads = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *rows[:num_tasks])
+    return task_losses, extra, task_grads, rows[num_tasks], aux
