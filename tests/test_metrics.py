@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dgr_jax import metrics as m
+from dgr_jax import paper_tables as tables
 from dgr_jax.tasks import CITYSCAPES, NYUV2, UTKFACE, Task
 
 SEG = Task("seg", 3, "segmentation", -1)
@@ -288,7 +289,7 @@ def test_delta_m_by_hand_and_over_a_subset():
 def scene_cases():
     for dataset in ("nyuv2", "cityscapes", "utkface"):
         for network in ((None,) if dataset == "utkface" else ("split", "mtan")):
-            for method in m.paper_rows(dataset, network):
+            for method in tables.paper_rows(dataset, network):
                 yield dataset, network, method
 
 
@@ -302,8 +303,8 @@ NOT_REPRODUCED = {("nyuv2", "mtan", name) for name in (
 def test_paper_delta_m_reproduces_from_each_row(report):
     mismatches = []
     for dataset, network, method in scene_cases():
-        row = m.paper_rows(dataset, network)[method]
-        ours = m.delta_m(row, m.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset])
+        row = tables.paper_rows(dataset, network)[method]
+        ours = m.delta_m(row, tables.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset])
         if abs(ours - row["delta_m"]) > 2e-4:
             mismatches.append((dataset, network, method))
             report(f"paper Δm not reproduced: {dataset} {network} {method}: printed {row['delta_m']:+.2%}, "
@@ -316,50 +317,50 @@ def test_paper_delta_m_reproduces_from_each_row(report):
     ("utkface", None, "Vanilla", 0.0266), ("cityscapes", "split", "Vanilla", 0.0335),
     ("cityscapes", "mtan", "CAGrad + Ours", 0.0714), ("nyuv2", "mtan", "CAGrad + Ours", 0.1156)])
 def test_delta_m_matches_printed_rows(dataset, network, method, printed):
-    row = m.paper_rows(dataset, network)[method]
+    row = tables.paper_rows(dataset, network)[method]
     assert row["delta_m"] == printed
-    assert m.delta_m(row, m.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset]) == pytest.approx(printed, abs=2e-4)
+    assert m.delta_m(row, tables.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset]) == pytest.approx(printed, abs=2e-4)
 
 
 def test_paper_rows_transcription():
-    assert m.paper_rows("nyuv2", "split")["Vanilla"] == pytest.approx(
+    assert tables.paper_rows("nyuv2", "split")["Vanilla"] == pytest.approx(
         {"normal/mean_angle": 24.19, "seg/miou": 0.4602, "depth/abs_err": 0.4136, "delta_m": 0.0632}, abs=1e-12)
-    assert m.paper_rows("nyuv2", "mtan")["IMTL + Ours"] == pytest.approx(
+    assert tables.paper_rows("nyuv2", "mtan")["IMTL + Ours"] == pytest.approx(
         {"normal/mean_angle": 22.39, "seg/miou": 0.5004, "depth/abs_err": 0.3818, "delta_m": 0.1442}, abs=1e-12)
-    assert m.paper_rows("cityscapes", "mtan")["Uncertainty + Ours"] == pytest.approx(
+    assert tables.paper_rows("cityscapes", "mtan")["Uncertainty + Ours"] == pytest.approx(
         {"seg/miou": 0.5659, "part_seg/miou": 0.5510, "disp/abs_err": 0.75, "delta_m": 0.0529}, abs=1e-12)
-    assert m.paper_rows("cityscapes", "split")["PCGrad"] == pytest.approx(
+    assert tables.paper_rows("cityscapes", "split")["PCGrad"] == pytest.approx(
         {"seg/miou": 0.5540, "part_seg/miou": 0.5253, "disp/abs_err": 0.72, "delta_m": 0.0415}, abs=1e-12)
-    assert m.paper_rows("utkface")["Nash-MTL + Ours"] == pytest.approx(
+    assert tables.paper_rows("utkface")["Nash-MTL + Ours"] == pytest.approx(
         {"age/acc": 0.5545, "gender/acc": 0.9063, "ethnicity/acc": 0.8055, "delta_m": 0.0377}, abs=1e-12)
     methods = ["Single"] + [f"{base}{dgr}" for base in ("Vanilla", "DWA", "Uncertainty", "Auto-λ", "PCGrad",
                                                          "CAGrad", "IMTL", "Nash-MTL") for dgr in ("", " + Ours")]
     for dataset, tasks in PAPER_TASKS.items():
         for network in ((None,) if dataset == "utkface" else ("split", "mtan")):
-            rows = m.paper_rows(dataset, network)
+            rows = tables.paper_rows(dataset, network)
             assert list(rows) == methods
             assert all(sorted(row) == sorted([m.headline_key(t) for t in tasks] + ["delta_m"])
                        for row in rows.values())
-            assert rows["Single"] == {**m.PAPER_SINGLE_TASK[dataset], "delta_m": 0.0}
-    rows = m.paper_rows("nyuv2", "split")
+            assert rows["Single"] == {**tables.PAPER_SINGLE_TASK[dataset], "delta_m": 0.0}
+    rows = tables.paper_rows("nyuv2", "split")
     rows["Vanilla"]["seg/miou"] = 1.0  # a copy: the module's table is untouched
-    assert m.paper_rows("nyuv2", "split")["Vanilla"]["seg/miou"] == 0.4602
+    assert tables.paper_rows("nyuv2", "split")["Vanilla"]["seg/miou"] == 0.4602
     for bad in (("nyuv2", None), ("cityscapes", "resnet"), ("utkface", "split"), ("nyu", None)):
         with pytest.raises(ValueError):
-            m.paper_rows(*bad)
+            tables.paper_rows(*bad)
 
 
 def test_paper_method_names():
-    assert m.paper_method_name("equal", False) == "Vanilla"
-    assert m.paper_method_name("auto_lambda", True) == "Auto-λ + Ours"
-    assert m.paper_method_name("nash_mtl", False) == "Nash-MTL"
-    assert m.paper_method_name("PCGrad", True) == "PCGrad + Ours"
-    assert m.paper_method_name("gradnorm", False) not in m.paper_rows("nyuv2", "split")
+    assert tables.paper_method_name("equal", False) == "Vanilla"
+    assert tables.paper_method_name("auto_lambda", True) == "Auto-λ + Ours"
+    assert tables.paper_method_name("nash_mtl", False) == "Nash-MTL"
+    assert tables.paper_method_name("PCGrad", True) == "PCGrad + Ours"
+    assert tables.paper_method_name("gradnorm", False) not in tables.paper_rows("nyuv2", "split")
 
 
 def test_reference_validation():
     for dataset, tasks in PAPER_TASKS.items():
-        assert m.load_reference(m.PAPER_SINGLE_TASK[dataset], tasks) == m.PAPER_SINGLE_TASK[dataset]
+        assert m.load_reference(tables.PAPER_SINGLE_TASK[dataset], tasks) == tables.PAPER_SINGLE_TASK[dataset]
     assert m.load_reference({"seg/miou": "0.5", "extra/metric": 1.0}, NYUV2[:1]) == {"seg/miou": 0.5}
     reference = {"seg/miou": 0.43, "normal/mean_angle": 22.4}
     with pytest.raises(ValueError, match="missing 'depth/abs_err'") as error:
@@ -374,7 +375,7 @@ def test_reference_validation():
     with pytest.raises(TypeError, match="reads no files"):
         m.load_reference("single_task.json", NYUV2)
     with pytest.raises(ValueError, match="metrics has no 'normal/mean_angle'"):
-        m.delta_m({"seg/miou": 0.5, "depth/abs_err": 0.4}, m.PAPER_SINGLE_TASK["nyuv2"], NYUV2)
+        m.delta_m({"seg/miou": 0.5, "depth/abs_err": 0.4}, tables.PAPER_SINGLE_TASK["nyuv2"], NYUV2)
 
 
 # ---------------------------------------------------------------------------
