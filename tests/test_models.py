@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 from dgr_jax import dgr_penalty, heads_penalty, init_dummy_sets, multitask_dummy_loss
-from dgr_jax.models import (ModelConfig, ResNet, bilinear_resize_align_corners, build_model,
-                            count_params, heads_apply_fn)
+from dgr_jax.models import (
+    ModelConfig,
+    ResNet,
+    bilinear_resize_align_corners,
+    build_model,
+    count_params,
+    heads_apply_fn,
+)
 from dgr_jax.models.heads import TrimmedConv
 from dgr_jax.tasks import CITYSCAPES, NYUV2, UTKFACE, task_losses
 
@@ -94,7 +100,7 @@ def test_full_size_resnets_match_torchvision_totals():
     for depth, expected in published.items():
         for output_stride in (8, 32):
             model = ResNet(depth, output_stride)
-            shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.PRNGKey(0),
+            shapes = jax.eval_shape(lambda k, x, model=model: model.init(k, x, train=False), jax.random.PRNGKey(0),
                                     jnp.zeros((1, 64, 64, 3)))
             assert count_params(shapes["params"]) == expected, (depth, output_stride)
             assert resnet_params(depth, 64, {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),

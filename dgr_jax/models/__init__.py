@@ -1,11 +1,14 @@
-"""Flax models: dilated ResNets, DeepLabV3/MLP heads, Split and MTAN networks.
+"""Flax models: backbones, DeepLabV3/MLP heads, Split and MTAN networks.
 
 Every network is a ``MultiTaskNet`` returning ``(features, outputs)``. Build one from a
 ``ModelConfig`` and a tuple of ``dgr_jax.tasks.Task``::
 
-    net = build_model(ModelConfig(network="split"), tasks.NYUV2)
+    net = build_model(ModelConfig(network="split", backbone="resnet50"), tasks.NYUV2)
     variables = net.init(key, images, train=False)
     features, outputs = net.apply(variables, images, train=False)
+
+Backbones are found by name in ``backbones.BACKBONES`` (ResNet-18/34/50/101 register
+themselves in ``resnet.py``); a new trunk is one module that registers itself.
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
+from dgr_jax.errors import ConfigError
+from dgr_jax.models import resnet  # noqa: F401  (registers the ResNets)
+from dgr_jax.models.backbones import BACKBONES, backbone_name, register_backbone
 from dgr_jax.models.batch_norm import BatchNorm, batch_norm_factory
 from dgr_jax.models.heads import (
     ClassifierHeads,
     DeepLabHead,
     DenseHeads,
     bilinear_resize_align_corners,
-    unit_normalize,
 )
-from dgr_jax.models.mtan import AttentionMask, MTANEncoder, mtan_network
-from dgr_jax.models.resnet import STAGE_SIZES, BasicBlock, Bottleneck, ResNet
-from dgr_jax.models.split import MultiTaskNet, PooledEncoder, classifier_network, split_network
+from dgr_jax.models.mtan import AttentionMask, MTANEncoder
+from dgr_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from dgr_jax.models.split import MultiTaskNet, PooledEncoder
 
 NETWORKS = ("split", "mtan", "classifier")
 
@@ -35,14 +40,15 @@ NETWORKS = ("split", "mtan", "classifier")
 class ModelConfig:
     """Architecture. Defaults are the paper's full-size networks.
 
-    ``base_width``/``stage_sizes``/``head_width`` shrink a model for tests and CPU runs
-    without changing its structure (``base_width=64``, ``stage_sizes=None`` and
+    ``backbone``: a name of ``BACKBONES`` (``"resnet50"``; a bare depth such as 50 is
+    accepted). ``base_width``/``stage_sizes``/``head_width`` shrink a model for tests and
+    CPU runs without changing its structure (``base_width=64``, ``stage_sizes=None`` and
     ``head_width=256`` are the real ResNets and DeepLabV3 heads).
     """
 
     network: str = "split"
-    depth: int = 50
-    dilated: bool = True
+    backbone: str = "resnet50"
+    dilated: bool | None = None  # None: dilated (output stride 8) for split / mtan, not for the classifier
     base_width: int = 64
     stage_sizes: tuple[int, ...] | None = None
     head_width: int = 256
@@ -56,31 +62,37 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.network not in NETWORKS:
-            raise ValueError(f"ModelConfig: network must be one of {NETWORKS}, got {self.network!r}")
-        if self.depth not in STAGE_SIZES:
-            raise ValueError(f"ModelConfig: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+            raise ConfigError("ModelConfig", "network", f"must be one of {NETWORKS}, got {self.network!r}")
+        if self.dilated is None:
+            object.__setattr__(self, "dilated", self.network != "classifier")
+        try:
+            object.__setattr__(self, "backbone", backbone_name(self.backbone))
+        except ValueError:
+            raise ConfigError("ModelConfig", "backbone",
+                              f"must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}") from None
         if self.network == "mtan" and not self.dilated:
-            raise ValueError("ModelConfig: network 'mtan' needs a dilated backbone (dilated=True)")
+            raise ConfigError("ModelConfig", "network", "'mtan' needs a dilated backbone (dilated=True)")
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"ModelConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise ConfigError("ModelConfig", "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        for name in ("base_width", "head_width", "classifier_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError("ModelConfig", name, f"must be >= 1, got {getattr(self, name)}")
 
 
 def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:
-    """``tasks``: ``dgr_jax.tasks.Task`` records (name, channels, kind)."""
-    backbone = ResNet(
-        config.depth,
-        8 if config.dilated else 32,
-        config.base_width,
-        tuple(config.stage_sizes) if config.stage_sizes else None,
-        norm=batch_norm_factory(config.bn_unbiased_running_var),
-    )
+    """``tasks``: ``dgr_jax.tasks.Task`` records; each head's output activation comes from
+    its task's kind."""
+    norm = batch_norm_factory(config.bn_unbiased_running_var)
+    backbone = BACKBONES[config.backbone](config, norm)
     pairs = tuple((task.name, task.channels) for task in tasks)
     if config.network == "classifier":
-        return classifier_network(pairs, backbone, hidden=config.classifier_hidden)
-    unit_norm = tuple(task.name for task in tasks if task.kind == "normal")
-    build = split_network if config.network == "split" else mtan_network
-    return build(pairs, backbone, head_width=config.head_width, aspp_rates=config.aspp_rates,
-                 dropout_rate=config.dropout_rate, unit_norm_tasks=unit_norm)
+        return MultiTaskNet(PooledEncoder(backbone), ClassifierHeads(pairs, config.classifier_hidden))
+    activations = tuple((task.name, task.record.activation) for task in tasks if task.record.activation)
+    mtan = config.network == "mtan"
+    heads = DenseHeads(pairs, activations, per_task_features=mtan, width=config.head_width,
+                       rates=tuple(config.aspp_rates), dropout_rate=config.dropout_rate, norm=norm)
+    encoder = MTANEncoder(tuple(task.name for task in tasks), backbone, norm) if mtan else backbone
+    return MultiTaskNet(encoder, heads)
 
 
 def count_params(tree) -> int:
@@ -113,8 +125,8 @@ def _without_dropout(heads: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "AttentionMask", "BasicBlock", "BatchNorm", "Bottleneck", "ClassifierHeads", "DeepLabHead", "DenseHeads",
-    "MTANEncoder", "ModelConfig", "MultiTaskNet", "NETWORKS", "PooledEncoder", "ResNet",
-    "bilinear_resize_align_corners", "build_model", "classifier_network", "count_params",
-    "heads_apply_fn", "mtan_network", "split_network", "unit_normalize",
+    "AttentionMask", "BACKBONES", "BasicBlock", "BatchNorm", "Bottleneck", "ClassifierHeads", "DeepLabHead",
+    "DenseHeads", "MTANEncoder", "ModelConfig", "MultiTaskNet", "NETWORKS", "PooledEncoder", "ResNet",
+    "backbone_name", "bilinear_resize_align_corners", "build_model", "count_params", "heads_apply_fn",
+    "register_backbone",
 ]

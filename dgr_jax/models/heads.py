@@ -150,21 +150,17 @@ def bilinear_resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
     return jnp.einsum("Hh,nhwc,Ww->nHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
 
 
-def unit_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """L2-normalise the last axis; ``eps`` keeps an all-zero vector finite."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
-
-
 class DenseHeads(nn.Module):
     """One DeepLabV3 head per dense task; outputs bilinearly upsampled (align_corners)
-    to ``output_size``; tasks in ``unit_norm_tasks`` L2-normalised per pixel.
+    to ``output_size``, then passed through the task's activation (``activations``:
+    ``(task, fn)`` pairs, from its kind; normals are L2-normalised per pixel).
 
     ``features`` is one array read by every head (Split), or, with
     ``per_task_features``, a dict ``{task: array}`` (MTAN).
     """
 
     tasks: Sequence[tuple[str, int]]
-    unit_norm_tasks: Sequence[str] = ("normal",)
+    activations: Sequence[tuple[str, Any]] = ()
     per_task_features: bool = False
     width: int = 256
     rates: Sequence[int] = (12, 24, 36)
@@ -173,12 +169,13 @@ class DenseHeads(nn.Module):
 
     @nn.compact
     def __call__(self, features, output_size: tuple[int, int], train: bool = True) -> Mapping[str, jax.Array]:
+        activations = dict(self.activations)
         outputs = {}
         for task, channels in self.tasks:
             z = features[task] if self.per_task_features else features
             y = DeepLabHead(channels, self.width, self.rates, self.dropout_rate, self.norm, name=task)(z, train)
             y = bilinear_resize_align_corners(y, tuple(output_size))
-            outputs[task] = unit_normalize(y) if task in self.unit_norm_tasks else y
+            outputs[task] = activations[task](y) if task in activations else y
         return outputs
 
 

@@ -1,4 +1,4 @@
-"""MTAN on a dilated ResNet (the DeepLab version of auto-lambda).
+"""MTAN on a dilated backbone (the DeepLab version of auto-lambda, on ResNet-50).
 
 At each of the four stages, task t computes an attention mask from the output of the
 stage's blocks before its last one (``u_b``), concatenated from stage 2 on with its own
@@ -8,7 +8,9 @@ last block (``u_t``). Shared bottleneck blocks map attended features between sta
 features, so the encoder's ``features`` are a dict ``{task: array}``.
 
 Attention masks: 1x1 conv -> BN -> ReLU -> 1x1 conv -> BN -> sigmoid (convs with bias,
-PyTorch default init).
+PyTorch default init). The shared blocks are ResNet bottlenecks, as auto-lambda's. The
+backbone is read through the protocol of ``models.backbones`` (stages, channels, blocks,
+output stride).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dgr_jax.models.batch_norm import BatchNorm
-from dgr_jax.models.heads import DenseHeads, torch_conv
-from dgr_jax.models.resnet import STAGE_SIZES, Bottleneck, ResNet
-from dgr_jax.models.split import MultiTaskNet
+from dgr_jax.models.heads import torch_conv
+from dgr_jax.models.resnet import Bottleneck
 
 
 class AttentionMask(nn.Module):
@@ -39,22 +40,23 @@ class AttentionMask(nn.Module):
 
 class MTANEncoder(nn.Module):
     tasks: Sequence[str]
-    backbone: ResNet
+    backbone: nn.Module  # the protocol of models.backbones
+    norm: Any = BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         if self.backbone.output_stride != 8:
             raise ValueError("MTAN: the backbone must be dilated (output_stride 8), "
                              f"got output_stride {self.backbone.output_stride}")
-        sizes = tuple(self.backbone.stage_sizes or STAGE_SIZES[self.backbone.depth])
+        sizes = self.backbone.stage_blocks
         if sizes[1] < 2:
             # Stage 2's mask reads the output of its blocks before the last; with one block
             # that is the stride-4 input, which cannot meet the pooled stage-1 features.
             raise ValueError(f"MTAN: stage 2 needs at least 2 blocks, got stage_sizes {sizes}")
-        channels = self.backbone.out_channels
+        channels = self.backbone.stage_channels
         stages = self.backbone.stages(x, train, split_last=True)
         # Shared between tasks: bottleneck blocks from stage s's width to stage s+1's.
-        norm = self.backbone.norm
+        norm = self.norm
         shared_blocks = [Bottleneck(channels[s + 1] // 4, norm=norm, name=f"shared_block{s + 1}") for s in range(3)]
         attended = {}
         for s, (before_last, stage_out) in enumerate(stages):
@@ -69,11 +71,3 @@ class MTANEncoder(nn.Module):
                 attended[task] = a
         return attended
 
-
-def mtan_network(tasks: Sequence[tuple[str, int]], backbone: ResNet, *, head_width: int = 256,
-                 aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.0,
-                 unit_norm_tasks: Sequence[str] = ("normal",)) -> MultiTaskNet:
-    names = tuple(name for name, _ in tasks)
-    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), True, head_width, tuple(aspp_rates), dropout_rate,
-                       backbone.norm)
-    return MultiTaskNet(MTANEncoder(names, backbone), heads)

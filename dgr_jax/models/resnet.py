@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
+from dgr_jax.models.backbones import register_backbone
 from dgr_jax.models.batch_norm import BatchNorm
 
 NormFactory = Callable[..., Any]
@@ -112,7 +112,8 @@ def stage_plan(depth: int, output_stride: int):
 
 
 class ResNet(nn.Module):
-    """ResNet trunk. ``__call__`` returns stage-4 features; ``stages`` returns all four.
+    """ResNet trunk (the backbone protocol of ``models.backbones``). ``__call__`` returns
+    stage-4 features; ``stages`` returns all four.
 
     ``base_width`` (64 in the real networks) and ``stage_sizes`` shrink the model for
     tests and CPU runs without changing its structure.
@@ -125,9 +126,13 @@ class ResNet(nn.Module):
     norm: NormFactory = BatchNorm
 
     @property
-    def out_channels(self) -> tuple[int, ...]:
+    def stage_channels(self) -> tuple[int, ...]:
         expansion = 1 if self.depth < 50 else 4
         return tuple(self.base_width * 2**i * expansion for i in range(4))
+
+    @property
+    def stage_blocks(self) -> tuple[int, ...]:
+        return tuple(self.stage_sizes or STAGE_SIZES[self.depth])
 
     @nn.compact
     def stages(self, x, train: bool = True, split_last: bool = False):
@@ -135,7 +140,7 @@ class ResNet(nn.Module):
         (output before the stage's last block, stage output) pairs, as MTAN needs."""
         if self.depth not in STAGE_SIZES:
             raise ValueError(f"ResNet: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
-        sizes = tuple(self.stage_sizes or STAGE_SIZES[self.depth])
+        sizes = self.stage_blocks
         if len(sizes) != 4 or min(sizes) < 1:
             raise ValueError(f"ResNet: stage_sizes must be four counts >= 1, got {sizes}")
         block_cls = BasicBlock if self.depth < 50 else Bottleneck
@@ -163,3 +168,15 @@ class ResNet(nn.Module):
 
     def __call__(self, x, train: bool = True):
         return self.stages(x, train)[-1]
+
+
+def _register(depth: int):
+    @register_backbone(f"resnet{depth}")
+    def build(config, norm):
+        """torchvision's ResNet-{depth}; dilated (DeepLab, output stride 8) when config.dilated."""
+        return ResNet(depth, 8 if config.dilated else 32, config.base_width,
+                      tuple(config.stage_sizes) if config.stage_sizes else None, norm=norm)
+
+
+for _depth in STAGE_SIZES:
+    _register(_depth)

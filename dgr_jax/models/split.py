@@ -4,18 +4,15 @@
 every head (and every dummy set) reads; ``outputs`` maps task name to prediction. The
 ``encoder`` and ``heads`` submodules keep their own parameter subtrees
 (``params["encoder"]``, ``params["heads"]``), so dummy sets are stacked copies of the
-``heads`` subtree and are applied with ``net.heads.apply``.
+``heads`` subtree and are applied with ``net.heads.apply``. ``models.build_model``
+assembles Split (a backbone read by every head), MTAN (``mtan.MTANEncoder``) and the
+classifier (``PooledEncoder``) from a ``ModelConfig``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
-
-from dgr_jax.models.heads import ClassifierHeads, DenseHeads
-from dgr_jax.models.resnet import ResNet
 
 
 class MultiTaskNet(nn.Module):
@@ -28,24 +25,9 @@ class MultiTaskNet(nn.Module):
 
 
 class PooledEncoder(nn.Module):
-    """A ResNet trunk followed by global average pooling (classification)."""
+    """A backbone followed by global average pooling (classification)."""
 
-    backbone: ResNet
+    backbone: nn.Module
 
     def __call__(self, x, train: bool = True):
         return jnp.mean(self.backbone(x, train=train), axis=(1, 2))
-
-
-def split_network(tasks: Sequence[tuple[str, int]], backbone: ResNet, *, head_width: int = 256,
-                  aspp_rates: Sequence[int] = (12, 24, 36), dropout_rate: float = 0.0,
-                  unit_norm_tasks: Sequence[str] = ("normal",)) -> MultiTaskNet:
-    """Split: a shared (dilated) ResNet, one DeepLabV3 head per dense task (heads use the
-    backbone's normalisation layer)."""
-    heads = DenseHeads(tuple(tasks), tuple(unit_norm_tasks), False, head_width, tuple(aspp_rates), dropout_rate,
-                       backbone.norm)
-    return MultiTaskNet(backbone, heads)
-
-
-def classifier_network(tasks: Sequence[tuple[str, int]], backbone: ResNet, *, hidden: int = 64) -> MultiTaskNet:
-    """Split for classification (UTKFace): pooled ResNet features, an MLP head per task."""
-    return MultiTaskNet(PooledEncoder(backbone), ClassifierHeads(tuple(tasks), hidden))
