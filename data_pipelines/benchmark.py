@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         return nyuv2.make_dataset(data_dir, "train", args.batch_size, augment=augment, seed=0, epoch=k)
 
     first = epoch(0)
-    print(f"NYUv2 format from {data_dir}: {first.num_examples} train examples at "
+    print(f"NYUv2 format from {data_dir}: {args.num_examples} train examples at "
           f"{first.height}x{first.width}, batch {args.batch_size}, augment={augment}", flush=True)
     seconds, count = time_epoch(first)
     print(f"  epoch 0 (first read): {count / seconds:8.1f} examples/s", flush=True)

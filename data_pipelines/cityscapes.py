@@ -29,4 +29,5 @@ from data_pipelines import scenes
 
 FORMAT = scenes.CITYSCAPES
 make_dataset = functools.partial(scenes.make_dataset, FORMAT)
+open_source = functools.partial(scenes.SceneSource, FORMAT)
 prepare = functools.partial(scenes.prepare, FORMAT)

@@ -3,13 +3,18 @@ folder, per-process shards and seeded epoch orders.
 
 Every pipeline in this package follows the same contract:
 
-* ``make_dataset(data_dir, split, batch_size, *, augment, seed, epoch=0, start_step=0,
-  ...)`` returns an iterable of dict batches of numpy arrays; iterating it once is one
-  epoch (the order depends on ``seed`` and ``epoch`` only), and ``start_step`` skips the
-  first batches of that epoch exactly (resume).
+* ``make_dataset(data_dir, split, batch_size, *, augment=None, seed=0, epoch=0,
+  start_step=0, drop_remainder=False, process_index=None, process_count=None)``
+  returns a sized iterable of dict batches of numpy arrays; iterating it once is one
+  epoch (the order depends on ``seed`` and ``epoch`` only), ``start_step`` skips the
+  first batches of that epoch exactly (resume), ``augment`` defaults to True for the
+  training split, and a short last batch is kept unless ``drop_remainder``.
+  ``open_source(data_dir)`` checks (and prepares) the folder once and returns an object
+  whose ``dataset(split, batch_size, ...)`` takes the same keywords: a run scans its
+  data folder once, not every epoch.
 * A process reads only its shard (``shard_indices``), a contiguous, even split of the
   examples by ``jax.process_index()``; the global batch is the per-process batches
-  side by side.
+  side by side. ``plan_epoch`` is the one place that orders, shards and batches.
 * The user's data folder is only ever read. Anything prepared from it goes under
   ``cache_root()``.
 """
@@ -99,3 +104,31 @@ def check_batch_args(batch_size: int, start_step: int, num_steps: int, where: st
         raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size}")
     if not 0 <= start_step <= num_steps:
         raise ValueError(f"{where}: start_step must be in [0, {num_steps}] (batches in this epoch), got {start_step}")
+
+
+def plan_epoch(num_examples: int, batch_size: int, *, seed: int, epoch: int, start_step: int, shuffle: bool,
+               drop_remainder: bool, process_index: int | None, process_count: int | None,
+               where: str) -> np.ndarray:
+    """Positions (into ``range(num_examples)``) this process reads in one epoch, in order,
+    from batch ``start_step`` on.
+
+    The process's shard (``shard_indices``) in the epoch's order (``epoch_order``). With
+    ``drop_remainder`` the batches are counted from the smallest shard, so every process
+    runs the same number of steps (shards differ by at most one example); without, a
+    short last batch is kept. Raises a one-line ValueError naming ``where`` for a bad
+    batch size or ``start_step``.
+    """
+    check_batch_args(batch_size, 0, 0, where)  # batch_size first: it divides
+    if process_index is None or process_count is None:
+        process_index, process_count = process_info()
+    positions = shard_indices(num_examples, process_index, process_count)
+    counted = num_examples // process_count if drop_remainder else len(positions)
+    num_batches = batches_per_epoch(counted, batch_size, drop_remainder)
+    check_batch_args(batch_size, start_step, num_batches, where)
+    order = epoch_order(positions, seed, epoch, shuffle)
+    return order[start_step * batch_size:min(num_batches * batch_size, len(order))]
+
+
+def default_augment(split: str, augment: bool | None) -> bool:
+    """``augment=None`` means: augment the training split only."""
+    return split == "train" if augment is None else bool(augment)

@@ -134,18 +134,10 @@ class MultiDigitsDataset:
                  start_step: int, drop_remainder: bool, shuffle: bool, process_index: int | None,
                  process_count: int | None):
         self.batch_size = batch_size
-        common.check_batch_args(batch_size, 0, 0, "MultiDigits make_dataset")  # batch_size first: it divides
-        if process_index is None or process_count is None:
-            process_index, process_count = common.process_info()
-        positions = common.shard_indices(len(pairs["left"]), process_index, process_count)
-        self.num_examples = len(positions)
-        # Shards differ by at most one example; dropping remainders, every process counts
-        # batches of the smallest shard, so all of them take the same number of steps.
-        counted = len(pairs["left"]) // process_count if drop_remainder else len(positions)
-        self.num_batches = common.batches_per_epoch(counted, batch_size, drop_remainder)
-        common.check_batch_args(batch_size, start_step, self.num_batches, "MultiDigits make_dataset")
-        order = common.epoch_order(positions, seed, epoch, shuffle)
-        self.indices = order[start_step * batch_size:self.num_batches * batch_size]
+        self.indices = common.plan_epoch(
+            len(pairs["left"]), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
+            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
+            where="MultiDigits make_dataset")
         self._pairs, self._drop_remainder = pairs, drop_remainder
 
     def __len__(self) -> int:
@@ -161,11 +153,32 @@ class MultiDigitsDataset:
             }
 
 
-def make_dataset(split: str, batch_size: int, *, augment: bool = False, seed: int = 0, epoch: int = 0,
-                 start_step: int = 0, num_pairs: int | None = None, drop_remainder: bool = False,
+class MultiDigitsSource:
+    """The built-in pairs: ``dataset(split, batch_size, ...)`` as ``make_dataset``."""
+
+    def __init__(self, data_dir: None = None, *, num_pairs: int | None = None):
+        if data_dir is not None:
+            raise ValueError(f"MultiDigits is built from scikit-learn's digits and reads no folder; got {data_dir!r}")
+        self.num_pairs = num_pairs
+
+    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
+                start_step: int = 0, drop_remainder: bool = False, process_index: int | None = None,
+                process_count: int | None = None) -> MultiDigitsDataset:
+        split = canonical_split(split)
+        del augment  # no augmentation (make_dataset)
+        pairs = build_pairs(split, num_pairs=self.num_pairs)
+        return MultiDigitsDataset(
+            pairs, batch_size, seed=seed, epoch=epoch, start_step=start_step,
+            drop_remainder=drop_remainder, shuffle=split == "train",
+            process_index=process_index, process_count=process_count)
+
+
+def make_dataset(data_dir: None, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0,
+                 epoch: int = 0, start_step: int = 0, num_pairs: int | None = None, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None) -> MultiDigitsDataset:
     """One epoch of MultiDigits ``split`` (default canvas 12 x 24; pairs from ``build_pairs``
-    with its default seed, so ``seed`` here only orders the epoch).
+    with its default seed, so ``seed`` here only orders the epoch). ``data_dir`` must be
+    None (the pairs are built in memory): the argument keeps the common signature.
 
     Yields dict batches of numpy arrays: ``image`` float32 (B, 12, 24, 1) in [-1, 1];
     ``left``, ``right`` int32 (B,). "train" is shuffled by ``(seed, epoch)``
@@ -176,11 +189,9 @@ def make_dataset(split: str, batch_size: int, *, augment: bool = False, seed: in
     batches). ``augment`` is accepted for the common interface and does nothing: the
     pairs already carry positional jitter, and flips would change what a digit is.
     """
-    split = canonical_split(split)
-    del augment  # no augmentation (docstring)
-    pairs = build_pairs(split, num_pairs=num_pairs)
-    train = split == "train"
-    return MultiDigitsDataset(
-        pairs, batch_size, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=drop_remainder, shuffle=train,
-        process_index=process_index, process_count=process_count)
+    return MultiDigitsSource(data_dir, num_pairs=num_pairs).dataset(
+        split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
+        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+
+
+open_source = MultiDigitsSource

@@ -258,9 +258,27 @@ class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 else:
                     if not np.all(np.isfinite(array)):
                         raise DataError(f"{path}: contains NaN or infinity")
+                    check_values(field, path, array)
                     array = array.astype(np.float32)
                 example[field.key] = array
             yield i, example
+
+
+def check_values(field: Field, path: Path, array: np.ndarray) -> None:
+    """One-line DataErrors for values a field cannot hold (common preprocessing mistakes)."""
+    low, high = float(array.min()), float(array.max())
+    if field.kind == "image" and (low < 0.0 or high > 1.0):
+        hint = " (stored as 0..255? divide by 255)" if high > 1.0 and high <= 255.0 else ""
+        raise DataError(f"{path}: image values in [{low:g}, {high:g}], expected floats in [0, 1]{hint}")
+    if field.kind == "depth" and low < 0.0:
+        raise DataError(f"{path}: negative depth {low:g}; depth is in metres with 0 for invalid pixels")
+    if field.kind == "disp" and np.any((array < 0) & (array != -1.0)):
+        raise DataError(f"{path}: negative disparity {low:g}; disparity is >= 0 with -1 for invalid pixels")
+    if field.kind == "normal":
+        norms = np.linalg.norm(array.reshape(-1, 3), axis=-1)
+        if np.any(norms > 1.01):
+            raise DataError(f"{path}: normals of length up to {norms.max():.3g}, expected unit vectors "
+                            "(or all zero for invalid pixels) with components in [-1, 1]")
 
 
 _BUILDERS: dict[tuple[str, str, str], SceneFolder] = {}
@@ -384,17 +402,10 @@ class SceneDataset:
         self.augmentation = augmentation or fmt.augmentation
         self.height, self.width = builder.builder_config.height, builder.builder_config.width
         self._source = builder.as_data_source(split=split)
-        if batch_size < 1:
-            raise ValueError(f"{fmt.name} make_dataset: batch_size must be >= 1, got {batch_size}")
-        indices = common.shard_indices(len(self._source), process_index, process_count)
-        self.num_examples = len(indices)
-        # Training batches count from the smallest shard, so every process runs the same
-        # number of steps (shards differ by at most one example).
-        counted = len(self._source) // (process_count or common.process_info()[1]) if drop_remainder else len(indices)
-        self.num_batches = common.batches_per_epoch(counted, batch_size, drop_remainder)
-        common.check_batch_args(batch_size, start_step, self.num_batches, f"{fmt.name} make_dataset")
-        order = common.epoch_order(indices, seed, epoch, shuffle)
-        self._order = order[start_step * batch_size:self.num_batches * batch_size]
+        self._order = common.plan_epoch(
+            len(self._source), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
+            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
+            where=f"{fmt.name} make_dataset")
         self._augment, self._seed, self._epoch = augment, seed, epoch
         self._drop_remainder = drop_remainder
 
@@ -440,6 +451,29 @@ class SceneDataset:
         return iter(self.as_tf_dataset().as_numpy_iterator())
 
 
+class SceneSource:
+    """A checked, prepared scene folder: ``dataset(split, batch_size, ...)`` makes epochs
+    of it without scanning the folder again (``make_dataset`` takes the same keywords)."""
+
+    def __init__(self, fmt: SceneFormat, data_dir: str | Path, *, cache_dir: str | Path | None = None,
+                 verbose: bool = True, augmentation: Augmentation | None = None):
+        self.fmt, self.data_dir = fmt, Path(data_dir)
+        self.augmentation = augmentation or fmt.augmentation
+        self.builder = prepare(fmt, data_dir, splits=fmt.splits, cache_dir=cache_dir, verbose=verbose)
+        self.height, self.width = self.builder.builder_config.height, self.builder.builder_config.width
+
+    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
+                start_step: int = 0, drop_remainder: bool = False, shuffle: bool | None = None,
+                process_index: int | None = None, process_count: int | None = None) -> SceneDataset:
+        if split not in self.fmt.splits:
+            raise ValueError(f"{self.fmt.name} make_dataset: unknown split {split!r}; choose from {self.fmt.splits}")
+        return SceneDataset(
+            self.fmt, self.builder, split, batch_size, augment=common.default_augment(split, augment), seed=seed,
+            epoch=epoch, start_step=start_step, drop_remainder=drop_remainder,
+            shuffle=split == "train" if shuffle is None else shuffle, process_index=process_index,
+            process_count=process_count, augmentation=self.augmentation)
+
+
 def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size: int, *,
                  augment: bool | None = None, seed: int = 0, epoch: int = 0, start_step: int = 0,
                  drop_remainder: bool = False, shuffle: bool | None = None,
@@ -455,14 +489,10 @@ def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size:
     differ by one example can differ by one batch). The order depends only on
     ``(seed, epoch)``; ``start_step`` skips the first batches of that epoch exactly. This
     process reads its shard of the split (``jax.process_index()`` of
-    ``jax.process_count()`` unless given).
+    ``jax.process_count()`` unless given). Checks the folder each call: a run opens a
+    ``SceneSource`` once instead.
     """
-    if split not in fmt.splits:
-        raise ValueError(f"{fmt.name} make_dataset: unknown split {split!r}; choose from {fmt.splits}")
-    train = split == "train"
-    builder = prepare(fmt, data_dir, splits=fmt.splits, cache_dir=cache_dir, verbose=verbose)
-    return SceneDataset(
-        fmt, builder, split, batch_size,
-        augment=train if augment is None else augment, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=drop_remainder, shuffle=train if shuffle is None else shuffle,
-        process_index=process_index, process_count=process_count, augmentation=augmentation)
+    source = SceneSource(fmt, data_dir, cache_dir=cache_dir, verbose=verbose, augmentation=augmentation)
+    return source.dataset(split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
+                          drop_remainder=drop_remainder, shuffle=shuffle, process_index=process_index,
+                          process_count=process_count)

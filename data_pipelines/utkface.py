@@ -4,7 +4,7 @@ On disk: one folder of files named ``{age}_{gender}_{race}_{datetime}.jpg`` (the
 "in-the-wild" release) or ``{age}_{gender}_{race}_{datetime}.jpg.chip.jpg`` (the aligned
 & cropped release, 200x200); both may be mixed. ``gender`` is 0/1, ``race`` 0..4 (the
 5 ethnicity classes). Other files (a handful of real UTKFace names lack a field) are
-skipped with one warning that says how many and names one; subfolders are ignored.
+skipped with one line on stderr that says how many and names one; subfolders are ignored.
 
 Labels (``dgr_jax.tasks.UTKFACE``): ``age`` binned into 7 classes (0-9, 10-19, ..., 50-59,
 60+), ``gender`` (2), ``ethnicity`` (5, the race field).
@@ -26,7 +26,7 @@ by (seed, epoch, the example's index in the sorted file list), so it does not de
 from __future__ import annotations
 
 import re
-import warnings
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -100,8 +100,8 @@ def list_examples(data_dir: str | Path) -> tuple[list[Path], dict[str, np.ndarra
         raise DataError(f"{folder}: no UTKFace images named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg[.chip.jpg] "
                         f"({len(skipped)} other files){hint}")
     if skipped:
-        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) not named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg"
-                      f"[.chip.jpg], e.g. {skipped[0]!r}", stacklevel=2)
+        print(f"note: {folder}: skipped {len(skipped)} file(s) not named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg"
+              f"[.chip.jpg], e.g. {skipped[0]!r}", file=sys.stderr, flush=True)
     ages_years = np.asarray(ages, np.int64)
     labels = {
         "age": age_bin(ages_years).astype(np.int32),
@@ -169,18 +169,10 @@ class UTKFaceDataset:
         members = split_indices(len(paths), split)
         if len(members) == 0:
             raise DataError(f"{data_dir}: the {split!r} split of {len(paths)} UTKFace image(s) is empty")
-        common.check_batch_args(batch_size, 0, 0, "UTKFace make_dataset")  # batch_size first: it divides
-        if process_index is None or process_count is None:
-            process_index, process_count = common.process_info()
-        positions = common.shard_indices(len(members), process_index, process_count)
-        self.num_examples = len(positions)
-        # Shards differ by at most one example; dropping remainders, every process counts
-        # batches of the smallest shard, so all of them take the same number of steps.
-        counted = len(members) // process_count if drop_remainder else len(positions)
-        self.num_batches = common.batches_per_epoch(counted, batch_size, drop_remainder)
-        common.check_batch_args(batch_size, start_step, self.num_batches, "UTKFace make_dataset")
-        order = common.epoch_order(positions, seed, epoch, shuffle)
-        self.indices = members[order[start_step * batch_size:self.num_batches * batch_size]]
+        self.indices = members[common.plan_epoch(
+            len(members), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
+            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
+            where="UTKFace make_dataset")]
         self.files = [paths[i] for i in self.indices]
         self._labels = {key: labels[key][self.indices] for key in LABEL_KEYS}
         self._augment, self._key, self._drop_remainder = augment, _flip_key(seed, epoch), drop_remainder
@@ -239,7 +231,27 @@ class UTKFaceDataset:
             step += 1
 
 
-def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: bool = False, seed: int = 0,
+class UTKFaceSource:
+    """A listed UTKFace folder: ``dataset(split, batch_size, ...)`` makes epochs of it
+    without listing the folder again (``make_dataset`` takes the same keywords)."""
+
+    def __init__(self, data_dir: str | Path, *, image_size: int = 64):
+        self.data_dir = common.require_dir(data_dir, "UTKFace data")
+        self.image_size = image_size
+        self.paths, self.labels = list_examples(self.data_dir)
+
+    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
+                start_step: int = 0, drop_remainder: bool = False, process_index: int | None = None,
+                process_count: int | None = None) -> UTKFaceDataset:
+        split = canonical_split(split)
+        return UTKFaceDataset(
+            self.data_dir, self.paths, self.labels, split, batch_size, augment=common.default_augment(split, augment),
+            seed=seed, epoch=epoch, start_step=start_step, image_size=self.image_size,
+            drop_remainder=drop_remainder, shuffle=split == "train", process_index=process_index,
+            process_count=process_count)
+
+
+def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0,
                  epoch: int = 0, start_step: int = 0, image_size: int = 64, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None) -> UTKFaceDataset:
     """One epoch of UTKFace ``split`` ("train", "test" or its alias "val") from ``data_dir``.
@@ -247,23 +259,21 @@ def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: 
     Yields dict batches of numpy arrays: ``image`` float32 (B, image_size, image_size, 3),
     ImageNet-normalised; ``age`` (0..6), ``gender`` (0..1), ``ethnicity`` (0..4) int32 (B,).
     "train" is shuffled by ``(seed, epoch)`` (``common.epoch_order``), "test" keeps file
-    name order; ``start_step`` skips the first batches of the epoch exactly;
-    a short last batch is kept (as PyTorch's data loader keeps it) unless
-    ``drop_remainder``. This process reads its shard (``jax.process_index()`` of
-    ``jax.process_count()`` unless given); with ``drop_remainder`` every process yields
-    the same number of batches. ``augment``: random
-    horizontal flip, p = 0.5, seeded by (seed, epoch, example) (``flip_flags``).
-    A file that fails to decode raises DataError naming it when its batch is reached.
+    name order; ``start_step`` skips the first batches of the epoch exactly; a short last
+    batch is kept (as PyTorch's data loader keeps it) unless ``drop_remainder``. This
+    process reads its shard (``jax.process_index()`` of ``jax.process_count()`` unless
+    given); with ``drop_remainder`` every process yields the same number of batches.
+    ``augment`` (default: the training split): random horizontal flip, p = 0.5, seeded by
+    (seed, epoch, example) (``flip_flags``). A file that fails to decode raises DataError
+    naming it when its batch is reached. Lists the folder each call: a run opens a
+    ``UTKFaceSource`` once instead.
     """
-    split = canonical_split(split)
-    data_dir = common.require_dir(data_dir, "UTKFace data")
-    paths, labels = list_examples(data_dir)
-    train = split == "train"
-    return UTKFaceDataset(
-        data_dir, paths, labels, split, batch_size, augment=augment, seed=seed, epoch=epoch,
-        start_step=start_step, image_size=image_size,
-        drop_remainder=drop_remainder, shuffle=train,
-        process_index=process_index, process_count=process_count)
+    return UTKFaceSource(data_dir, image_size=image_size).dataset(
+        split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
+        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+
+
+open_source = UTKFaceSource
 
 
 def write_fake_utkface(root: str | Path, num: int, seed: int = 0, size: int = 48) -> list[Path]:

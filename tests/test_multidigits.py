@@ -64,7 +64,7 @@ def test_pairs_are_deterministic_and_seeded():
 
 def test_batches_shapes_scaling_and_labels():
     pairs = multidigits.build_pairs("test", num_pairs=50)
-    ds = multidigits.make_dataset("test", 16, num_pairs=50)  # remainder kept for test
+    ds = multidigits.make_dataset(None, "test", 16, num_pairs=50)  # remainder kept for test
     batches = list(ds)
     assert len(ds) == len(batches) == 4 and [len(b["left"]) for b in batches] == [16, 16, 16, 2]
     np.testing.assert_array_equal(ds.indices, np.arange(50))  # test: pair order
@@ -77,10 +77,10 @@ def test_batches_shapes_scaling_and_labels():
     assert image.min() == -1.0 and image.max() == 1.0
     np.testing.assert_array_equal(np.concatenate([b["left"] for b in batches]), DIGITS.target[pairs["left_index"]])
 
-    train = multidigits.make_dataset("train", 64, num_pairs=200)  # 3 full batches and a short one of 8
+    train = multidigits.make_dataset(None, "train", 64, num_pairs=200)  # 3 full batches and a short one of 8
     batches = list(train)
     assert [b["image"].shape for b in batches] == [(64, 12, 24, 1)] * 3 + [(8, 12, 24, 1)]
-    assert len(list(multidigits.make_dataset("train", 64, num_pairs=200, drop_remainder=True))) == 3
+    assert len(list(multidigits.make_dataset(None, "train", 64, num_pairs=200, drop_remainder=True))) == 3
     rows = train.indices
     np.testing.assert_array_equal(np.concatenate([b["right"] for b in batches]),
                                   DIGITS.target[multidigits.build_pairs("train", num_pairs=200)["right_index"][rows]])
@@ -94,7 +94,7 @@ def _same(xs, ys):
 
 
 def test_order_resume_and_augment_noop():
-    run = lambda **kw: list(multidigits.make_dataset("train", 32, num_pairs=300, **kw))  # noqa: E731
+    run = lambda **kw: list(multidigits.make_dataset(None, "train", 32, num_pairs=300, **kw))  # noqa: E731
     full = run(seed=3, epoch=1)
     _same(full, run(seed=3, epoch=1))
     _same(full, run(seed=3, epoch=1, augment=True))  # accepted, does nothing
@@ -103,9 +103,9 @@ def test_order_resume_and_augment_noop():
     for k in (1, 4, 9):
         _same(run(seed=3, epoch=1, start_step=k), full[k:])
     with pytest.raises(ValueError, match="start_step"):  # 300 pairs: 10 batches, the last short
-        multidigits.make_dataset("train", 32, num_pairs=300, start_step=11)
+        multidigits.make_dataset(None, "train", 32, num_pairs=300, start_step=11)
     with pytest.raises(ValueError, match="batch_size"):
-        multidigits.make_dataset("train", 0, num_pairs=300)
+        multidigits.make_dataset(None, "train", 0, num_pairs=300)
 
 
 @pytest.mark.parametrize("split,count", [("train", 2), ("train", 3), ("test", 3)])
@@ -114,12 +114,12 @@ def test_process_shards_are_disjoint_and_cover(split, count):
     pairs = multidigits.build_pairs(split, num_pairs=n)
     seen = []
     for index in range(count):
-        ds = multidigits.make_dataset(split, 8, num_pairs=n, drop_remainder=False, seed=5,
+        ds = multidigits.make_dataset(None, split, 8, num_pairs=n, drop_remainder=False, seed=5,
                                       process_index=index, process_count=count)
         got = np.concatenate([b["left"] for b in ds])
         np.testing.assert_array_equal(got, pairs["left"][ds.indices])
         seen += list(ds.indices)
     assert len(seen) == len(set(seen)) == n
-    steps = {len(list(multidigits.make_dataset(split, 8, num_pairs=n, process_index=i, process_count=count,
+    steps = {len(list(multidigits.make_dataset(None, split, 8, num_pairs=n, process_index=i, process_count=count,
                                                drop_remainder=True))) for i in range(count)}
     assert len(steps) == 1

@@ -246,8 +246,8 @@ def test_resized_normals_stay_unit_and_keep_their_validity(rule):
         if rule == "legacy":  # and exactly the one the floor rule picks
             new_h, new_w = int(H * 1.2), int(W * 1.2)
             rows, cols = legacy_nearest_by_hand(new_h, H), legacy_nearest_by_hand(new_w, W)
-            crops = [normal.astype(np.float32)[rows[t:t + H]][:, cols[l:l + W]]
-                     for t in range(new_h - H + 1) for l in range(new_w - W + 1)]
+            crops = [normal.astype(np.float32)[rows[top:top + H]][:, cols[left:left + W]]
+                     for top in range(new_h - H + 1) for left in range(new_w - W + 1)]
             assert any(np.array_equal(got, c) for c in crops)
         seen += 1
     assert seen == 20
@@ -294,6 +294,12 @@ BAD_INPUTS = {
                           "not integers", "label/0.npy"),
     "labels out of range": (lambda d: np.save(d / "val" / "label" / "1.npy", np.full((H, W), 13, np.int64)),
                             "expected 0..12", "label/1.npy"),
+    "images as 0..255": (lambda d: np.save(d / "train" / "image" / "2.npy", np.full((H, W, 3), 200.0, np.float32)),
+                         "stored as 0..255? divide by 255", "image/2.npy"),
+    "negative depth": (lambda d: np.save(d / "val" / "depth" / "0.npy", np.full((H, W, 1), -0.5, np.float32)),
+                       "negative depth -0.5", "depth/0.npy"),
+    "normals not unit": (lambda d: np.save(d / "train" / "normal" / "1.npy", np.full((H, W, 3), 0.9, np.float32)),
+                         "expected unit vectors", "normal/1.npy"),
 }
 
 
