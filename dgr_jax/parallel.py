@@ -6,7 +6,8 @@ BatchNorm statistics are those of the whole global batch (synced BN), losses and
 gradients are means over it, so a step gives the same numbers on 1 or N devices.
 Multi-host: call ``initialize_distributed()`` first; each process then feeds its own
 slice of the global batch (``data_pipelines`` shard by ``jax.process_index()``) and
-``global_batch`` assembles the global arrays.
+``global_batch`` assembles the global arrays. Evaluation runs on each process's devices
+over its shard of the evaluation set; ``sum_over_processes`` merges the statistics.
 """
 
 from __future__ import annotations
@@ -22,14 +23,24 @@ DATA_AXIS = "data"
 PyTree = Any
 
 
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` where a multi-process launch is configured
-    (coordinator address in the environment, or a cluster JAX detects); no-op otherwise."""
-    if jax.process_count() > 1:
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1" \
-            or os.environ.get("TPU_WORKER_HOSTNAMES"):
-        jax.distributed.initialize()
+def multi_process_launch(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment describes a multi-process launch that
+    ``jax.distributed.initialize()`` can join: a coordinator address (JAX's own
+    variables), a SLURM job of several tasks, or a Cloud TPU slice of several hosts."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("JAX_COORDINATOR_ADDRESS")) or environ.get("SLURM_NTASKS", "1") != "1" \
+        or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` where a multi-process launch is configured; a no-op
+    otherwise. Call it first: it must run before any other JAX call (even
+    ``jax.process_count()``), so it reads only the environment. Returns whether it
+    initialised."""
+    if not multi_process_launch():
+        return False
+    jax.distributed.initialize()
+    return True
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -73,6 +84,28 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.device_put(tree, replicated(mesh))
+
+
+def local_mesh() -> Mesh:
+    """A 1-D ``data`` mesh over this process's devices (evaluation runs per process)."""
+    return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
+def local_copy(tree: PyTree, mesh: Mesh) -> PyTree:
+    """A replicated global array's local value, replicated on this process's ``mesh``."""
+    return replicate(jax.tree_util.tree_map(lambda a: a.addressable_data(0), tree), mesh)
+
+
+def sum_over_processes(tree: PyTree) -> PyTree:
+    """The sum of every process's ``tree`` (statistics of disjoint shards), on the host;
+    the tree itself with one process."""
+    tree = jax.device_get(tree)
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(tree)
+    return jax.tree_util.tree_map(lambda a: np.sum(a, axis=0), gathered)
 
 
 def jit_train_step(step: Callable, mesh: Mesh) -> Callable:

@@ -12,13 +12,16 @@ import time
 import jax
 import numpy as np
 
+from dgr_jax.models import BACKBONES
+
 
 def add_common_flags(parser: argparse.ArgumentParser, repeats_of: str):
     """Flags both benchmarks take: input size, backbone and widths, repeats, eps, --json."""
     parser.add_argument("--height", type=int, default=96, help="input height (default 96; NYUv2 is 288)")
     parser.add_argument("--width", type=int, default=128, help="input width (default 128; NYUv2 is 384)")
     parser.add_argument("--batch_size", type=int, default=2, help="batch size (default 2; the paper uses 4)")
-    parser.add_argument("--backbone", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth (default 50)")
+    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES) + ["18", "34", "50", "101"],
+                        help="the trunk (default resnet50; a bare ResNet depth works too)")
     parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
     parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
     parser.add_argument("--repeats", type=int, default=3, help=f"timed {repeats_of} after one warm-up (default 3)")
@@ -96,24 +99,10 @@ def flat_rel_err_and_cosine(a, b) -> tuple[float, float]:
 
 
 def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0) -> dict:
-    """Images and targets of the right shapes, dtypes and invalid values (for timing)."""
+    """Images and targets of the right shapes, dtypes and invalid values (for timing),
+    each target from its task kind's ``example_target``."""
     rng = np.random.default_rng(seed)
-    dense = height > 0 and tasks[0].kind != "classification"
     batch = {"image": rng.uniform(-1, 1, (batch_size, height, width, 3)).astype(np.float32)}
     for task in tasks:
-        shape = (batch_size, height, width) if dense else (batch_size,)
-        if task.kind in ("segmentation", "classification"):
-            labels = rng.integers(0, task.channels, shape)
-            if task.kind == "segmentation":
-                labels[rng.uniform(size=shape) < 0.1] = task.invalid
-            batch[task.name] = labels.astype(np.int32)
-        elif task.kind == "regression":
-            value = rng.uniform(0.5, 5.0, shape + (1,)).astype(np.float32)
-            value[rng.uniform(size=shape + (1,)) < 0.1] = task.invalid
-            batch[task.name] = value
-        else:  # normal
-            value = rng.normal(size=shape + (3,))
-            value /= np.linalg.norm(value, axis=-1, keepdims=True)
-            value[rng.uniform(size=shape) < 0.1] = 0.0
-            batch[task.name] = value.astype(np.float32)
+        batch[task.name] = task.record.example_target(task, rng, batch_size, height, width)
     return batch

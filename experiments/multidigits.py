@@ -1,6 +1,6 @@
 """Multi-task learning with DGR on multidigits: `python -m experiments.multidigits --help`."""
 
-from experiments.common import run
+from experiments.cli import run
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Multi-task learning with DGR on nyuv2: `python -m experiments.nyuv2 --help`."""
 
-from experiments.common import run
+from experiments.cli import run
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import jax
 
 from dgr_jax import dgr_penalty, multitask_dummy_loss
 from dgr_jax.models import ModelConfig, build_model, count_params, heads_apply_fn
-from dgr_jax.penalty import METHODS
+from dgr_jax.penalty import PENALTY_ESTIMATORS
 from dgr_jax.tasks import NYUV2, task_losses
 from experiments import _bench
 
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.penalty_benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_common_flags(parser, "calls per method")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=PENALTY_ESTIMATORS, default=list(PENALTY_ESTIMATORS),
                         help="methods to time (double_backprop is always run: it is the reference)")
     parser.add_argument("--no_float64_truth", action="store_true",
                         help="skip the float64 exact gradient used as ground truth for every method's error")
@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    config = ModelConfig(network="split", depth=args.backbone, base_width=args.base_width,
+    config = ModelConfig(network="split", backbone=args.backbone, base_width=args.base_width,
                          head_width=args.head_width)
     net = build_model(config, NYUV2)
     batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
@@ -53,14 +53,14 @@ def main(argv=None):
     targets = {t.name: batch[t.name] for t in NYUV2}
     print(f"device: {_bench.device_description()}")
     print(f"penalty of one DeepLabV3 head set ({count_params(dummy):,} params) on features "
-          f"{tuple(features.shape)} from ResNet-{args.backbone} (dilated), input {size}, "
+          f"{tuple(features.shape)} from {config.backbone} (dilated), input {size}, "
           f"batch {args.batch_size}; gradient w.r.t. the features")
 
     methods = ["double_backprop"] + [m for m in args.methods if m != "double_backprop"]
     results, grads = {}, {}
     for method in methods:
         def grad_fn(z, method=method):
-            return jax.grad(lambda z: dgr_penalty(loss_fn, dummy, z, targets, method=method,
+            return jax.grad(lambda z: dgr_penalty(loss_fn, dummy, z, targets, estimator=method,
                                                   fd_eps=args.fd_eps))(z)
         print(f"  timing {method} ...", flush=True)
         _, compile_s, median_s, grads[method] = _bench.compile_and_time(grad_fn, (features,), args.repeats)

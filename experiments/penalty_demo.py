@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from dgr_jax import METHODS, heads_penalty, init_dummy_sets
+from dgr_jax import PENALTY_ESTIMATORS, heads_penalty, init_dummy_sets
 
 NUM_CLASSES = 10
 
@@ -80,7 +80,7 @@ def parse_args(argv):
     parser.add_argument("--width", type=int, default=64, help="encoder width (default 64)")
     parser.add_argument("--num_dummy", type=int, default=3, help="K, the number of dummy head sets (default 3)")
     parser.add_argument("--dgr_weight", type=float, default=0.3, help="lambda, the penalty weight of the DGR run (default 0.3)")
-    parser.add_argument("--dgr_method", choices=METHODS, default="exact", help="penalty gradient used for training (default exact)")
+    parser.add_argument("--dgr_method", choices=PENALTY_ESTIMATORS, default="exact", help="penalty gradient used for training (default exact)")
     parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
     parser.add_argument("--squared_norm", action="store_true", help="penalise ||g||^2 instead of ||g||")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
@@ -121,7 +121,7 @@ def main(argv=None):
     def penalty(z, batch_targets, method):
         return heads_penalty(
             apply_heads, dummy_sets, z, batch_targets, TASK_LOSSES,
-            method=method, squared=args.squared_norm, fd_eps=args.fd_eps,
+            estimator=method, squared=args.squared_norm, fd_eps=args.fd_eps,
         )
 
     # 1. The three methods on one batch.
@@ -172,7 +172,7 @@ def main(argv=None):
         for i in range(args.steps):
             sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
             trainable, opt_state, task, dummy_norm = step(
-                trainable, opt_state, x[sl], jax.tree_util.tree_map(lambda a: a[sl], targets))
+                trainable, opt_state, x[sl], jax.tree_util.tree_map(lambda a, sl=sl: a[sl], targets))
             window.append((task["digit"], task["value"], dummy_norm))
             window = window[-20:]
         means = [float(jnp.mean(jnp.stack(col))) for col in zip(*window)]

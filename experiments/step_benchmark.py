@@ -65,9 +65,9 @@ def run_mode(args) -> dict:
 
     method = MODES[args.child_mode]
     dgr = DGRConfig(weight=0.0 if method is None else args.dgr_weight, num_dummy=args.num_dummy,
-                    method=method or "exact", fd_eps=args.fd_eps, squared=method == "paper",
+                    estimator=method or "exact", fd_eps=args.fd_eps, squared=method == "paper",
                     unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching])
-    net = build_model(ModelConfig(network="split", depth=args.backbone, base_width=args.base_width,
+    net = build_model(ModelConfig(network="split", backbone=args.backbone, base_width=args.base_width,
                                   head_width=args.head_width), NYUV2)
     optimizer = optax.sgd(0.1, momentum=0.9)
     batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
@@ -87,12 +87,12 @@ def main(argv=None):
     if args.child_mode:
         print(json.dumps(run_mode(args)))
         return None
-    from experiments import _bench
+    from dgr_jax.models import backbone_name
 
     config = {k: v for k, v in vars(args).items() if k not in ("json", "child_mode", "modes")}
     forwarded = [token for name, value in config.items() for token in (f"--{name}", str(value))]
     results, device = {}, None
-    print(f"Split ResNet-{args.backbone} (dilated) train step, input {args.height}x{args.width}, "
+    print(f"Split {backbone_name(args.backbone)} (dilated) train step, input {args.height}x{args.width}, "
           f"batch {args.batch_size}, K={args.num_dummy}, lambda={args.dgr_weight}", flush=True)
     for mode in args.modes:
         print(f"  running {mode} in its own process ...", flush=True)

@@ -1,6 +1,6 @@
 """Multi-task learning with DGR on utkface: `python -m experiments.utkface --help`."""
 
-from experiments.common import run
+from experiments.cli import run
 
 
 def main(argv=None):

@@ -1,7 +1,6 @@
 """The whole run: train_and_evaluate end to end on tiny built-in data, resume, sharding,
-the DGR mechanism, and the entry points' errors."""
+the DGR mechanism, the optimiser's recipe, and the entry points' errors."""
 
-import dataclasses
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 
 from dgr_jax.models import ModelConfig, build_model, heads_apply_fn
 from dgr_jax.objective import DGRConfig
@@ -22,21 +22,10 @@ from dgr_jax.tasks import NYUV2, task_losses
 from dgr_jax.train import init_train_state, make_train_step
 from experiments import nyuv2
 from experiments._bench import random_batch
-from experiments.train_lib import RunConfig, train_and_evaluate
+from experiments.config import MethodConfig, TrainConfig
+from experiments.loop import train_and_evaluate
 
-TINY = dict(backbone=18, base_width=4, stage_sizes=(1, 2, 1, 1), head_width=8, num_dummy=1)
-SCENES = dict(synthetic=True, synthetic_size=(24, 32), synthetic_counts=(6, 3), batch_size=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    old = os.environ.get("DGR_JAX_CACHE")
-    os.environ["DGR_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("DGR_JAX_CACHE")
-    else:
-        os.environ["DGR_JAX_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def read_lines(path):
@@ -47,12 +36,11 @@ def read_lines(path):
     ("nyuv2", "split", "uncertainty", 0.1),
     ("nyuv2", "mtan", "equal", 0.1),
     ("cityscapes", "split", "uncertainty", 0.0),
-    ("multidigits", "split", "dwa", 0.1),
+    ("multidigits", "classifier", "dwa", 0.1),
 ])
 def test_train_and_evaluate_end_to_end(tmp_path, dataset, network, weighting, dgr_weight):
-    extra = SCENES if dataset in ("nyuv2", "cityscapes") else dict(batch_size=16, optimizer="adam", lr=1e-3)
-    config = RunConfig(dataset=dataset, network=network, weighting=weighting, dgr_weight=dgr_weight,
-                       steps=2, **TINY, **extra)
+    config = tiny_config(dataset, model={"network": network}, method=MethodConfig(weighting),
+                         dgr={"weight": dgr_weight}, train={"steps": 2})
     summary = train_and_evaluate(config, tmp_path, progress=False, log=lambda _: None)
     assert summary["steps"] == 2
     metrics = summary["metrics"]
@@ -69,7 +57,7 @@ def test_train_and_evaluate_end_to_end(tmp_path, dataset, network, weighting, dg
 
 
 def test_resume_continues_exactly(tmp_path):
-    config = RunConfig(dataset="nyuv2", weighting="dwa", dgr_weight=0.1, epochs=2, **TINY, **SCENES)
+    config = tiny_config(method=MethodConfig("dwa"), dgr={"weight": 0.1}, train={"epochs": 2})
     whole = train_and_evaluate(config, tmp_path / "whole", progress=False, log=lambda _: None)
     stopped = train_and_evaluate(config, tmp_path / "parts", stop_after=4, progress=False, log=lambda _: None)
     assert stopped == {"stopped_at": 4}  # in the middle of the second epoch
@@ -93,10 +81,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from dgr_jax.objective import DGRConfig
     from dgr_jax.tasks import NYUV2
     from dgr_jax.train import init_train_state, make_train_step
-    from dgr_jax.weighting import get_method
+    from dgr_jax.methods import get_method
     from experiments._bench import random_batch
 
-    net = build_model(ModelConfig(network="split", depth=18, base_width=4, head_width=8,
+    net = build_model(ModelConfig(network="split", backbone="resnet18", base_width=4, head_width=8,
                                   stage_sizes=(1, 1, 1, 1)), NYUV2)
     batch = random_batch(NYUV2, 8, 24, 32)
     optimizer = optax.sgd(0.05, momentum=0.9)
@@ -152,8 +140,8 @@ def test_four_device_step_equals_one_device_step():
 def test_dgr_lowers_the_dummy_gradient_norm():
     """Mechanism: from the same start and data, N steps with lambda > 0 leave the
     dummy sets' gradient norm lower than N steps with lambda = 0."""
-    net = build_model(ModelConfig(network="split", depth=18, base_width=4, head_width=8, stage_sizes=(1, 1, 1, 1)),
-                      NYUV2)
+    net = build_model(ModelConfig(network="split", backbone="resnet18", base_width=4, head_width=8,
+                                  stage_sizes=(1, 1, 1, 1)), NYUV2)
     batch = {k: jnp.asarray(v) for k, v in random_batch(NYUV2, 4, 24, 32).items()}
     batch["image"] = batch["image"].astype(jnp.float32)
     optimizer = optax.sgd(0.05, momentum=0.9)
@@ -180,26 +168,25 @@ def test_dgr_lowers_the_dummy_gradient_norm():
 def test_learning_rate_is_cosine_stepped_once_per_epoch_as_cosine_annealing_lr():
     """torch's CosineAnnealingLR(T_max=E), stepped after each epoch: epoch e trains at
     lr (1 + cos(pi e / E)) / 2 for every one of its steps."""
-    from experiments.train_lib import learning_rate_schedule
+    from experiments.loop import learning_rate_schedule
 
-    config = RunConfig(lr=0.1, epochs=4)
-    schedule = learning_rate_schedule(config, steps_per_epoch=3, total_steps=12)
+    schedule = learning_rate_schedule(TrainConfig(lr=0.1, epochs=4), steps_per_epoch=3, total_steps=12)
     for count in range(12):
         epoch = count // 3
         assert float(schedule(count)) == pytest.approx(0.05 * (1 + math.cos(math.pi * epoch / 4)), rel=1e-6), count
     assert float(schedule(3)) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)), rel=1e-6)  # an epoch boundary
-    per_step = learning_rate_schedule(RunConfig(lr=0.1, lr_schedule="step"), steps_per_epoch=3, total_steps=12)
+    per_step = learning_rate_schedule(TrainConfig(lr=0.1, lr_schedule="step"), steps_per_epoch=3, total_steps=12)
     assert float(per_step(1)) == pytest.approx(0.05 * (1 + math.cos(math.pi / 12)), rel=1e-6)
 
 
 def test_uncertainty_log_variances_are_weight_decayed_as_in_the_original():
-    from experiments.train_lib import make_optimizer
+    from experiments.loop import make_optimizer
 
     params = {"encoder": jnp.ones(2), "heads": jnp.ones(1), "method": {"log_var": jnp.full(3, -0.7)}}
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     for args, decayed in ((None, True), ({"weight_decay": False}, False)):
-        config = RunConfig(weighting="uncertainty", method_args=args, lr=0.1, weight_decay=1e-4)
-        optimizer = make_optimizer(config, 10, 10, config.method())
+        method = MethodConfig("uncertainty", tuple((args or {}).items())).build()
+        optimizer = make_optimizer(TrainConfig(lr=0.1, weight_decay=1e-4), 10, 10, method)
         updates, _ = optimizer.update(zeros, optimizer.init(params), params)
         # SGD, first step: update = -lr * (grad + wd * param).
         np.testing.assert_allclose(updates["method"]["log_var"], -0.1 * 1e-4 * -0.7 if decayed else 0.0, rtol=1e-6)
@@ -207,12 +194,11 @@ def test_uncertainty_log_variances_are_weight_decayed_as_in_the_original():
 
 
 def test_short_last_batch_is_kept_by_default_and_dropped_on_request(tmp_path):
-    from experiments.train_lib import make_data
-
-    config = RunConfig(dataset="nyuv2", dgr_weight=0.1, epochs=1, **{**TINY, **SCENES, "synthetic_counts": (5, 3)})
-    kept = make_data(config)
+    config = tiny_config(dgr={"weight": 0.1}, train={"epochs": 1}, data={"synthetic_counts": (5, 3)})
+    kept = config.spec.open(config)
     assert [len(b["index"]) for b in kept.train_epoch(0, 0)] == [2, 2, 1]
-    assert len(make_data(dataclasses.replace(config, drop_last=True)).train_epoch(0, 0)) == 2
+    dropping = config.replace(data={"drop_last": True})
+    assert len(dropping.spec.open(dropping).train_epoch(0, 0)) == 2
     summary = train_and_evaluate(config, tmp_path, progress=False, log=lambda _: None)
     assert summary["steps"] == 3 and [r["step"] for r in read_lines(tmp_path / "train.jsonl")] == [1, 2, 3]
     assert set(summary["metrics_paper"]) == {"seg/miou", "depth/abs_err", "normal/mean_angle", "delta_m"}
