@@ -22,16 +22,31 @@ from data_pipelines import nyuv2
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipelines.benchmark", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=None,
-                        help="NYUv2 folder (train/val of image,label,depth,normal .npy); "
-                             "default: generated scenes in that format")
-    parser.add_argument("--height", type=int, default=288, help="generated scene height (default 288, NYUv2's)")
-    parser.add_argument("--width", type=int, default=384, help="generated scene width (default 384, NYUv2's)")
-    parser.add_argument("--num_examples", type=int, default=96, help="generated training scenes (default 96)")
-    parser.add_argument("--batch_size", type=int, default=4, help="batch size (default 4, the paper's)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs timed after the first (default 3)")
+        prog="python -m data_pipelines.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="NYUv2 folder (train/val of image,label,depth,normal .npy); "
+        "default: generated scenes in that format",
+    )
+    parser.add_argument(
+        "--height", type=int, default=288, help="generated scene height (default 288, NYUv2's)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=384, help="generated scene width (default 384, NYUv2's)"
+    )
+    parser.add_argument(
+        "--num_examples", type=int, default=96, help="generated training scenes (default 96)"
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=4, help="batch size (default 4, the paper's)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs timed after the first (default 3)"
+    )
     parser.add_argument("--no_augment", action="store_true", help="time without augmentation")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
@@ -54,16 +69,22 @@ def main(argv=None) -> int:
     if data_dir is None:
         from data_pipelines import synthetic
 
-        data_dir = synthetic.synthetic_root("nyuv2", num_train=args.num_examples, num_val=4,
-                                            height=args.height, width=args.width)
+        data_dir = synthetic.synthetic_root(
+            "nyuv2", num_train=args.num_examples, num_val=4, height=args.height, width=args.width
+        )
     augment = not args.no_augment
 
     def epoch(k):
-        return nyuv2.make_dataset(data_dir, "train", args.batch_size, augment=augment, seed=0, epoch=k)
+        return nyuv2.make_dataset(
+            data_dir, "train", args.batch_size, augment=augment, seed=0, epoch=k
+        )
 
     first = epoch(0)
-    print(f"NYUv2 format from {data_dir}: {args.num_examples} train examples at "
-          f"{first.height}x{first.width}, batch {args.batch_size}, augment={augment}", flush=True)
+    print(
+        f"NYUv2 format from {data_dir}: {args.num_examples} train examples at "
+        f"{first.height}x{first.width}, batch {args.batch_size}, augment={augment}",
+        flush=True,
+    )
     seconds, count = time_epoch(first)
     print(f"  epoch 0 (first read): {count / seconds:8.1f} examples/s", flush=True)
     rates = []
@@ -72,12 +93,24 @@ def main(argv=None) -> int:
         rates.append(count / seconds)
         print(f"  epoch {k}:              {rates[-1]:8.1f} examples/s", flush=True)
     median = statistics.median(rates)
-    print(f"median over epochs 1..{args.epochs}: {median:.1f} examples/s "
-          f"({args.batch_size / median * 1000:.1f} ms per batch of {args.batch_size})")
+    print(
+        f"median over epochs 1..{args.epochs}: {median:.1f} examples/s "
+        f"({args.batch_size / median * 1000:.1f} ms per batch of {args.batch_size})"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"examples_per_s": median, "epochs": rates, "height": first.height,
-                       "width": first.width, "batch_size": args.batch_size, "augment": augment}, f, indent=1)
+            json.dump(
+                {
+                    "examples_per_s": median,
+                    "epochs": rates,
+                    "height": first.height,
+                    "width": first.width,
+                    "batch_size": args.batch_size,
+                    "augment": augment,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

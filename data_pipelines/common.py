@@ -46,7 +46,9 @@ def require_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def load_npy(path: Path, *, shape: Sequence[int | None] | None = None, kind: str | None = None) -> np.ndarray:
+def load_npy(
+    path: Path, *, shape: Sequence[int | None] | None = None, kind: str | None = None
+) -> np.ndarray:
     """``np.load`` with one-line errors naming ``path``.
 
     ``shape``: expected shape (``None`` entries match anything). ``kind``: expected
@@ -56,13 +58,17 @@ def load_npy(path: Path, *, shape: Sequence[int | None] | None = None, kind: str
         array = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError/OSError/EOFError/UnpicklingError
         raise DataError(f"{path}: unreadable .npy file ({type(error).__name__}: {error})") from None
-    if shape is not None and (array.ndim != len(shape)
-                              or any(e is not None and e != a for e, a in zip(shape, array.shape))):
+    if shape is not None and (
+        array.ndim != len(shape)
+        or any(e is not None and e != a for e, a in zip(shape, array.shape))
+    ):
         wanted = "x".join("*" if e is None else str(e) for e in shape)
         raise DataError(f"{path}: shape {array.shape}, expected {wanted}")
     if kind is not None and array.dtype.kind not in kind:
-        raise DataError(f"{path}: dtype {array.dtype}, expected kind {kind!r} "
-                        f"({', '.join({'f': 'float', 'i': 'int', 'u': 'uint', 'b': 'bool'}[k] for k in kind)})")
+        raise DataError(
+            f"{path}: dtype {array.dtype}, expected kind {kind!r} "
+            f"({', '.join({'f': 'float', 'i': 'int', 'u': 'uint', 'b': 'bool'}[k] for k in kind)})"
+        )
     return array
 
 
@@ -75,14 +81,17 @@ def process_info() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def shard_indices(num_examples: int, process_index: int | None = None,
-                  process_count: int | None = None) -> np.ndarray:
+def shard_indices(
+    num_examples: int, process_index: int | None = None, process_count: int | None = None
+) -> np.ndarray:
     """This process's examples: a contiguous, even split of ``range(num_examples)``
     (sizes differ by at most one, as ``tfds.even_splits``)."""
     if process_index is None or process_count is None:
         process_index, process_count = process_info()
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
+        raise ValueError(
+            f"process_index {process_index} out of range for {process_count} processes"
+        )
     bounds = np.linspace(0, num_examples, process_count + 1).round().astype(int)
     return np.arange(bounds[process_index], bounds[process_index + 1])
 
@@ -103,12 +112,24 @@ def check_batch_args(batch_size: int, start_step: int, num_steps: int, where: st
     if batch_size < 1:
         raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size}")
     if not 0 <= start_step <= num_steps:
-        raise ValueError(f"{where}: start_step must be in [0, {num_steps}] (batches in this epoch), got {start_step}")
+        raise ValueError(
+            f"{where}: start_step must be in [0, {num_steps}] (batches in this epoch), got {start_step}"
+        )
 
 
-def plan_epoch(num_examples: int, batch_size: int, *, seed: int, epoch: int, start_step: int, shuffle: bool,
-               drop_remainder: bool, process_index: int | None, process_count: int | None,
-               where: str) -> np.ndarray:
+def plan_epoch(
+    num_examples: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_step: int,
+    shuffle: bool,
+    drop_remainder: bool,
+    process_index: int | None,
+    process_count: int | None,
+    where: str,
+) -> np.ndarray:
     """Positions (into ``range(num_examples)``) this process reads in one epoch, in order,
     from batch ``start_step`` on.
 
@@ -126,7 +147,7 @@ def plan_epoch(num_examples: int, batch_size: int, *, seed: int, epoch: int, sta
     num_batches = batches_per_epoch(counted, batch_size, drop_remainder)
     check_batch_args(batch_size, start_step, num_batches, where)
     order = epoch_order(positions, seed, epoch, shuffle)
-    return order[start_step * batch_size:min(num_batches * batch_size, len(order))]
+    return order[start_step * batch_size : min(num_batches * batch_size, len(order))]
 
 
 def default_augment(split: str, augment: bool | None) -> bool:

@@ -39,7 +39,9 @@ _SPLIT_CODES = {"train": 0, "test": 1}
 
 def canonical_split(split: str) -> str:
     if split not in SPLIT_ALIASES:
-        raise ValueError(f"MultiDigits: unknown split {split!r}; choose from {tuple(SPLIT_ALIASES)}")
+        raise ValueError(
+            f"MultiDigits: unknown split {split!r}; choose from {tuple(SPLIT_ALIASES)}"
+        )
     return SPLIT_ALIASES[split]
 
 
@@ -79,8 +81,13 @@ def _build(split: str, num_pairs: int, seed: int, height: int, width: int) -> di
     left_index = pool[rng.integers(0, len(pool), num_pairs)]
     right_index = pool[rng.integers(0, len(pool), num_pairs)]
     (y_lo, y_hi), (x_lo, x_hi) = _offsets(height), _offsets(half)
-    left_pos = np.stack([rng.integers(y_lo, y_hi + 1, num_pairs), rng.integers(x_lo, x_hi + 1, num_pairs)], -1)
-    right_pos = np.stack([rng.integers(y_lo, y_hi + 1, num_pairs), half + rng.integers(x_lo, x_hi + 1, num_pairs)], -1)
+    left_pos = np.stack(
+        [rng.integers(y_lo, y_hi + 1, num_pairs), rng.integers(x_lo, x_hi + 1, num_pairs)], -1
+    )
+    right_pos = np.stack(
+        [rng.integers(y_lo, y_hi + 1, num_pairs), half + rng.integers(x_lo, x_hi + 1, num_pairs)],
+        -1,
+    )
     canvas = np.zeros((num_pairs, height, width, 1), np.float32)
     rows = np.arange(DIGIT)
     for index, pos in ((left_index, left_pos), (right_index, right_pos)):
@@ -101,8 +108,9 @@ def _build(split: str, num_pairs: int, seed: int, height: int, width: int) -> di
     return out
 
 
-def build_pairs(split: str, *, num_pairs: int | None = None, seed: int = 0, height: int = 12,
-                width: int = 24) -> dict[str, np.ndarray]:
+def build_pairs(
+    split: str, *, num_pairs: int | None = None, seed: int = 0, height: int = 12, width: int = 24
+) -> dict[str, np.ndarray]:
     """All pairs of ``split`` ("train", "test" or its alias "val"), deterministic in
     ``(split, num_pairs, seed, height, width)``.
 
@@ -116,8 +124,10 @@ def build_pairs(split: str, *, num_pairs: int | None = None, seed: int = 0, heig
     if num_pairs < 1:
         raise ValueError(f"MultiDigits: num_pairs must be >= 1, got {num_pairs}")
     if height < DIGIT or width // 2 < DIGIT:
-        raise ValueError(f"MultiDigits: canvas {height}x{width} too small; need height >= {DIGIT} "
-                         f"and width >= {2 * DIGIT} (an 8x8 digit in each half)")
+        raise ValueError(
+            f"MultiDigits: canvas {height}x{width} too small; need height >= {DIGIT} "
+            f"and width >= {2 * DIGIT} (an 8x8 digit in each half)"
+        )
     return _build(split, num_pairs, int(seed), int(height), int(width))
 
 
@@ -130,14 +140,32 @@ class MultiDigitsDataset:
     they are yielded.
     """
 
-    def __init__(self, pairs: dict[str, np.ndarray], batch_size: int, *, seed: int, epoch: int,
-                 start_step: int, drop_remainder: bool, shuffle: bool, process_index: int | None,
-                 process_count: int | None):
+    def __init__(
+        self,
+        pairs: dict[str, np.ndarray],
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start_step: int,
+        drop_remainder: bool,
+        shuffle: bool,
+        process_index: int | None,
+        process_count: int | None,
+    ):
         self.batch_size = batch_size
         self.indices = common.plan_epoch(
-            len(pairs["left"]), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
-            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
-            where="MultiDigits make_dataset")
+            len(pairs["left"]),
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            shuffle=shuffle,
+            drop_remainder=drop_remainder,
+            process_index=process_index,
+            process_count=process_count,
+            where="MultiDigits make_dataset",
+        )
         self._pairs, self._drop_remainder = pairs, drop_remainder
 
     def __len__(self) -> int:
@@ -145,7 +173,7 @@ class MultiDigitsDataset:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for step in range(len(self)):
-            rows = self.indices[step * self.batch_size:(step + 1) * self.batch_size]
+            rows = self.indices[step * self.batch_size : (step + 1) * self.batch_size]
             yield {
                 "image": self._pairs["image"][rows] * np.float32(2.0) - np.float32(1.0),
                 "left": self._pairs["left"][rows],
@@ -158,24 +186,54 @@ class MultiDigitsSource:
 
     def __init__(self, data_dir: None = None, *, num_pairs: int | None = None):
         if data_dir is not None:
-            raise ValueError(f"MultiDigits is built from scikit-learn's digits and reads no folder; got {data_dir!r}")
+            raise ValueError(
+                f"MultiDigits is built from scikit-learn's digits and reads no folder; got {data_dir!r}"
+            )
         self.num_pairs = num_pairs
 
-    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
-                start_step: int = 0, drop_remainder: bool = False, process_index: int | None = None,
-                process_count: int | None = None) -> MultiDigitsDataset:
+    def dataset(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+        drop_remainder: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> MultiDigitsDataset:
         split = canonical_split(split)
         del augment  # no augmentation (make_dataset)
         pairs = build_pairs(split, num_pairs=self.num_pairs)
         return MultiDigitsDataset(
-            pairs, batch_size, seed=seed, epoch=epoch, start_step=start_step,
-            drop_remainder=drop_remainder, shuffle=split == "train",
-            process_index=process_index, process_count=process_count)
+            pairs,
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            drop_remainder=drop_remainder,
+            shuffle=split == "train",
+            process_index=process_index,
+            process_count=process_count,
+        )
 
 
-def make_dataset(data_dir: None, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0,
-                 epoch: int = 0, start_step: int = 0, num_pairs: int | None = None, drop_remainder: bool = False,
-                 process_index: int | None = None, process_count: int | None = None) -> MultiDigitsDataset:
+def make_dataset(
+    data_dir: None,
+    split: str,
+    batch_size: int,
+    *,
+    augment: bool | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start_step: int = 0,
+    num_pairs: int | None = None,
+    drop_remainder: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> MultiDigitsDataset:
     """One epoch of MultiDigits ``split`` (default canvas 12 x 24; pairs from ``build_pairs``
     with its default seed, so ``seed`` here only orders the epoch). ``data_dir`` must be
     None (the pairs are built in memory): the argument keeps the common signature.
@@ -190,8 +248,16 @@ def make_dataset(data_dir: None, split: str, batch_size: int, *, augment: bool |
     pairs already carry positional jitter, and flips would change what a digit is.
     """
     return MultiDigitsSource(data_dir, num_pairs=num_pairs).dataset(
-        split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+        split,
+        batch_size,
+        augment=augment,
+        seed=seed,
+        epoch=epoch,
+        start_step=start_step,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 open_source = MultiDigitsSource

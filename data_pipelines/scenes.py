@@ -84,11 +84,15 @@ class Augmentation:
 
     def __post_init__(self):
         if not self.scales or min(self.scales) < 1.0:
-            raise ValueError(f"Augmentation: scales must be >= 1 (the crop never pads), got {self.scales}")
+            raise ValueError(
+                f"Augmentation: scales must be >= 1 (the crop never pads), got {self.scales}"
+            )
         if not all(0.0 < c <= 1.0 for c in self.crop) or len(self.crop) != 2:
             raise ValueError(f"Augmentation: crop must be two fractions in (0, 1], got {self.crop}")
         if self.resize_rule not in RESIZE_RULES:
-            raise ValueError(f"Augmentation: resize_rule must be one of {RESIZE_RULES}, got {self.resize_rule!r}")
+            raise ValueError(
+                f"Augmentation: resize_rule must be one of {RESIZE_RULES}, got {self.resize_rule!r}"
+            )
 
     def crop_size(self, height: int, width: int) -> tuple[int, int]:
         return max(1, int(height * self.crop[0])), max(1, int(width * self.crop[1]))
@@ -111,15 +115,23 @@ class SceneFormat:
 
 NYUV2 = SceneFormat(
     "nyuv2",
-    (Field("image", "image", "image", 3), Field("seg", "label", "label", None),
-     Field("depth", "depth", "depth", 1), Field("normal", "normal", "normal", 3)),
+    (
+        Field("image", "image", "image", 3),
+        Field("seg", "label", "label", None),
+        Field("depth", "depth", "depth", 1),
+        Field("normal", "normal", "normal", 3),
+    ),
     {"seg": 13},
     augmentation=Augmentation(scales=(1.0, 1.2, 1.5)),
 )
 CITYSCAPES = SceneFormat(
     "cityscapes",
-    (Field("image", "image", "image", 3), Field("seg", "label_19", "label", None),
-     Field("part_seg", "part_seg", "label", None), Field("disp", "depth", "disp", 1)),
+    (
+        Field("image", "image", "image", 3),
+        Field("seg", "label_19", "label", None),
+        Field("part_seg", "part_seg", "label", None),
+        Field("disp", "depth", "disp", 1),
+    ),
     {"seg": 19, "part_seg": 10},
     # auto-lambda: random 256x256 crops of the 256x512 images at scale 1, and flips.
     augmentation=Augmentation(scales=(1.0,), crop=(1.0, 0.5)),
@@ -151,10 +163,14 @@ def _check_file(field: Field, path: Path, shape, dtype, height: int, width: int)
         ok = True  # depth / disparity saved without the channel axis
     if not ok:
         wanted = "x".join(map(str, _expected_shape(field, height, width)))
-        raise DataError(f"{path}: shape {tuple(shape)}, expected {wanted} ({field.kind}, like {field.folder}/0.npy's size)")
+        raise DataError(
+            f"{path}: shape {tuple(shape)}, expected {wanted} ({field.kind}, like {field.folder}/0.npy's size)"
+        )
     kinds = "iuf" if field.kind == "label" else "f"
     if dtype.kind not in kinds:
-        raise DataError(f"{path}: dtype {dtype}, expected {'an integer or float' if field.kind == 'label' else 'a float'} array")
+        raise DataError(
+            f"{path}: dtype {dtype}, expected {'an integer or float' if field.kind == 'label' else 'a float'} array"
+        )
 
 
 def scan_split(fmt: SceneFormat, root: str | Path, split: str) -> tuple[int, int, int]:
@@ -163,18 +179,26 @@ def scan_split(fmt: SceneFormat, root: str | Path, split: str) -> tuple[int, int
     root = common.require_dir(root, f"{fmt.name} data")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: missing {fmt.name} split folder (expected {'/'.join(f.folder for f in fmt.fields)} inside)")
+        raise DataError(
+            f"{split_dir}: missing {fmt.name} split folder (expected {'/'.join(f.folder for f in fmt.fields)} inside)"
+        )
     counts = {}
     for field in fmt.fields:
         folder = split_dir / field.folder
         if not folder.is_dir():
-            raise DataError(f"{folder}: missing folder ({fmt.name} needs {', '.join(f.folder for f in fmt.fields)} in {split_dir})")
-        indices = sorted(int(m.group(1)) for m in map(_INDEX_FILE.match, (p.name for p in folder.iterdir())) if m)
+            raise DataError(
+                f"{folder}: missing folder ({fmt.name} needs {', '.join(f.folder for f in fmt.fields)} in {split_dir})"
+            )
+        indices = sorted(
+            int(m.group(1)) for m in map(_INDEX_FILE.match, (p.name for p in folder.iterdir())) if m
+        )
         if not indices:
             raise DataError(f"{folder}: no {{i}}.npy files")
         if indices != list(range(len(indices))):
             missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-            raise DataError(f"{folder}: files are not numbered 0..{len(indices) - 1} (missing {missing[0]}.npy)")
+            raise DataError(
+                f"{folder}: files are not numbered 0..{len(indices) - 1} (missing {missing[0]}.npy)"
+            )
         counts[field.folder] = len(indices)
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
@@ -199,7 +223,9 @@ def fingerprint(fmt: SceneFormat, root: Path, splits: Sequence[str]) -> str:
             folder = root / split / field.folder
             for path in sorted(folder.glob("*.npy")):
                 stat = path.stat()
-                digest.update(f"{split}/{field.folder}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+                digest.update(
+                    f"{split}/{field.folder}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+                )
     return digest.hexdigest()[:16]
 
 
@@ -221,7 +247,8 @@ class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(FORMAT_VERSION)
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Place the preprocessed .npy folders (see data_pipelines/scenes.py) in the manual dir: "
-        "<manual_dir>/{train,val}/<field>/{i}.npy.")
+        "<manual_dir>/{train,val}/<field>/{i}.npy."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: SceneConfig = self.builder_config
@@ -231,12 +258,16 @@ class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             dtype = np.int16 if field.kind == "label" else np.float32
             features[field.key] = tfds.features.Tensor(shape=shape, dtype=dtype)
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(features), disable_shuffling=True,
-            description=f"{config.fmt.name} from local .npy folders ({config.height}x{config.width})")
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
+            description=f"{config.fmt.name} from local .npy folders ({config.height}x{config.width})",
+        )
 
     def _split_generators(self, dl_manager):
         root = Path(dl_manager.manual_dir)
-        return {split: self._generate_examples(root / split) for split in self.builder_config.splits}
+        return {
+            split: self._generate_examples(root / split) for split in self.builder_config.splits
+        }
 
     def _generate_examples(self, split_dir: Path) -> Iterator[tuple[int, dict]]:
         config: SceneConfig = self.builder_config
@@ -253,7 +284,9 @@ class SceneFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         raise DataError(f"{path}: label values are not integers")
                     classes = config.fmt.num_classes[field.key]
                     if array.min() < -1 or array.max() >= classes:
-                        raise DataError(f"{path}: labels in [{array.min()}, {array.max()}], expected 0..{classes - 1} or -1")
+                        raise DataError(
+                            f"{path}: labels in [{array.min()}, {array.max()}], expected 0..{classes - 1} or -1"
+                        )
                     array = array.astype(np.int16)
                 else:
                     if not np.all(np.isfinite(array)):
@@ -269,23 +302,37 @@ def check_values(field: Field, path: Path, array: np.ndarray) -> None:
     low, high = float(array.min()), float(array.max())
     if field.kind == "image" and (low < 0.0 or high > 1.0):
         hint = " (stored as 0..255? divide by 255)" if high > 1.0 and high <= 255.0 else ""
-        raise DataError(f"{path}: image values in [{low:g}, {high:g}], expected floats in [0, 1]{hint}")
+        raise DataError(
+            f"{path}: image values in [{low:g}, {high:g}], expected floats in [0, 1]{hint}"
+        )
     if field.kind == "depth" and low < 0.0:
-        raise DataError(f"{path}: negative depth {low:g}; depth is in metres with 0 for invalid pixels")
+        raise DataError(
+            f"{path}: negative depth {low:g}; depth is in metres with 0 for invalid pixels"
+        )
     if field.kind == "disp" and np.any((array < 0) & (array != -1.0)):
-        raise DataError(f"{path}: negative disparity {low:g}; disparity is >= 0 with -1 for invalid pixels")
+        raise DataError(
+            f"{path}: negative disparity {low:g}; disparity is >= 0 with -1 for invalid pixels"
+        )
     if field.kind == "normal":
         norms = np.linalg.norm(array.reshape(-1, 3), axis=-1)
         if np.any(norms > 1.01):
-            raise DataError(f"{path}: normals of length up to {norms.max():.3g}, expected unit vectors "
-                            "(or all zero for invalid pixels) with components in [-1, 1]")
+            raise DataError(
+                f"{path}: normals of length up to {norms.max():.3g}, expected unit vectors "
+                "(or all zero for invalid pixels) with components in [-1, 1]"
+            )
 
 
 _BUILDERS: dict[tuple[str, str, str], SceneFolder] = {}
 
 
-def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = ("train", "val"),
-            cache_dir: str | Path | None = None, verbose: bool = True) -> SceneFolder:
+def prepare(
+    fmt: SceneFormat,
+    data_dir: str | Path,
+    *,
+    splits: Sequence[str] = ("train", "val"),
+    cache_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> SceneFolder:
     """Check the folder and build (once) its TFDS records; returns the builder."""
     data_dir = common.require_dir(data_dir, f"{fmt.name} data")
     for split in splits:
@@ -298,8 +345,13 @@ def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = (
     height, width = next(iter(sizes.values()))[1:]
     key = fingerprint(fmt, data_dir, splits)
     cache = Path(cache_dir) if cache_dir is not None else common.cache_root() / "tfds"
-    config = SceneConfig(name=f"{height}x{width}_{'_'.join(splits)}", fmt=fmt, height=height,
-                         width=width, splits=tuple(splits))
+    config = SceneConfig(
+        name=f"{height}x{width}_{'_'.join(splits)}",
+        fmt=fmt,
+        height=height,
+        width=width,
+        splits=tuple(splits),
+    )
     builder_key = (fmt.name, str(cache / f"{fmt.name}_{key}"), config.name)
     builder = _BUILDERS.get(builder_key)
     if builder is None:  # one builder per prepared set and process (TFDS logs each construction)
@@ -308,16 +360,21 @@ def prepare(fmt: SceneFormat, data_dir: str | Path, *, splits: Sequence[str] = (
     if not builder.is_prepared():
         if verbose:
             total = sum(s[0] for s in sizes.values())
-            print(f"preparing {fmt.name} ({total} examples, {height}x{width}) from {data_dir} "
-                  f"into {builder.data_dir}", flush=True)
+            print(
+                f"preparing {fmt.name} ({total} examples, {height}x{width}) from {data_dir} "
+                f"into {builder.data_dir}",
+                flush=True,
+            )
         tfds.display_progress_bar(False)  # our one line above says what happens
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=str(data_dir), verify_ssl=False))
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(data_dir), verify_ssl=False)
+        )
     return builder
 
 
 # ---------------------------------------------------------------------------
 # Augmentation (TF ops, stateless random numbers).
+
 
 def legacy_nearest_indices(out_size, in_size):
     """PyTorch's legacy ``nearest`` source indices: ``min(floor(dst * (in / out)), in - 1)``
@@ -327,8 +384,12 @@ def legacy_nearest_indices(out_size, in_size):
     return tf.minimum(source, in_size - 1)
 
 
-def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf.Tensor,
-                    augmentation: Augmentation | None = None) -> dict[str, tf.Tensor]:
+def augment_example(
+    example: Mapping[str, tf.Tensor],
+    fmt: SceneFormat,
+    seed: tf.Tensor,
+    augmentation: Augmentation | None = None,
+) -> dict[str, tf.Tensor]:
     """Random scale, crop and horizontal flip (``Augmentation``; the format's default).
 
     ``seed``: shape-(2,) int seed for the stateless ops. Returns a new dict with the same
@@ -351,8 +412,8 @@ def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf
     flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
     kinds = {f.key: f.kind for f in fmt.fields}
     if aug.resize_rule == "legacy":  # source rows / columns of the crop, shared by every field
-        rows = legacy_nearest_indices(new_h, height)[top:top + crop_h]
-        cols = legacy_nearest_indices(new_w, width)[left:left + crop_w]
+        rows = legacy_nearest_indices(new_h, height)[top : top + crop_h]
+        cols = legacy_nearest_indices(new_w, width)[left : left + crop_w]
     out = {}
     for key, value in example.items():
         kind = kinds.get(key)
@@ -361,11 +422,15 @@ def augment_example(example: Mapping[str, tf.Tensor], fmt: SceneFormat, seed: tf
             continue
         x = tf.cast(value[..., None] if kind == "label" else value, tf.float32)
         if kind == "image":
-            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear")[top:top + crop_h, left:left + crop_w]
+            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="bilinear")[
+                top : top + crop_h, left : left + crop_w
+            ]
         elif aug.resize_rule == "legacy":
             x = tf.gather(tf.gather(x, rows, axis=0), cols, axis=1)
         else:
-            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="nearest")[top:top + crop_h, left:left + crop_w]
+            x = tf.image.resize(x, tf.stack([new_h, new_w]), method="nearest")[
+                top : top + crop_h, left : left + crop_w
+            ]
         x = tf.cond(flip, lambda x=x: tf.reverse(x, axis=[1]), lambda x=x: x)
         if kind == "normal":
             x = x * tf.cond(flip, lambda: tf.constant([-1.0, 1.0, 1.0]), lambda: tf.ones(3))
@@ -394,18 +459,39 @@ class SceneDataset:
     (the example's number in its split).
     """
 
-    def __init__(self, fmt: SceneFormat, builder: SceneFolder, split: str, batch_size: int, *,
-                 augment: bool, seed: int, epoch: int, start_step: int, drop_remainder: bool,
-                 shuffle: bool, process_index: int | None, process_count: int | None,
-                 augmentation: Augmentation | None = None):
+    def __init__(
+        self,
+        fmt: SceneFormat,
+        builder: SceneFolder,
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool,
+        seed: int,
+        epoch: int,
+        start_step: int,
+        drop_remainder: bool,
+        shuffle: bool,
+        process_index: int | None,
+        process_count: int | None,
+        augmentation: Augmentation | None = None,
+    ):
         self.fmt, self.split, self.batch_size = fmt, split, batch_size
         self.augmentation = augmentation or fmt.augmentation
         self.height, self.width = builder.builder_config.height, builder.builder_config.width
         self._source = builder.as_data_source(split=split)
         self._order = common.plan_epoch(
-            len(self._source), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
-            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
-            where=f"{fmt.name} make_dataset")
+            len(self._source),
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            shuffle=shuffle,
+            drop_remainder=drop_remainder,
+            process_index=process_index,
+            process_count=process_count,
+            where=f"{fmt.name} make_dataset",
+        )
         self._augment, self._seed, self._epoch = augment, seed, epoch
         self._drop_remainder = drop_remainder
 
@@ -432,7 +518,9 @@ class SceneDataset:
 
         def finish(example):
             if self._augment:
-                seed = tf.stack([tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]])
+                seed = tf.stack(
+                    [tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]]
+                )
                 example = augment_example(example, self.fmt, seed, self.augmentation)
                 example.pop("scale"), example.pop("flip")
             out = {"image": example["image"] * 2.0 - 1.0, "index": example["index"]}
@@ -455,31 +543,78 @@ class SceneSource:
     """A checked, prepared scene folder: ``dataset(split, batch_size, ...)`` makes epochs
     of it without scanning the folder again (``make_dataset`` takes the same keywords)."""
 
-    def __init__(self, fmt: SceneFormat, data_dir: str | Path, *, cache_dir: str | Path | None = None,
-                 verbose: bool = True, augmentation: Augmentation | None = None):
+    def __init__(
+        self,
+        fmt: SceneFormat,
+        data_dir: str | Path,
+        *,
+        cache_dir: str | Path | None = None,
+        verbose: bool = True,
+        augmentation: Augmentation | None = None,
+    ):
         self.fmt, self.data_dir = fmt, Path(data_dir)
         self.augmentation = augmentation or fmt.augmentation
-        self.builder = prepare(fmt, data_dir, splits=fmt.splits, cache_dir=cache_dir, verbose=verbose)
-        self.height, self.width = self.builder.builder_config.height, self.builder.builder_config.width
+        self.builder = prepare(
+            fmt, data_dir, splits=fmt.splits, cache_dir=cache_dir, verbose=verbose
+        )
+        self.height, self.width = (
+            self.builder.builder_config.height,
+            self.builder.builder_config.width,
+        )
 
-    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
-                start_step: int = 0, drop_remainder: bool = False, shuffle: bool | None = None,
-                process_index: int | None = None, process_count: int | None = None) -> SceneDataset:
+    def dataset(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+        drop_remainder: bool = False,
+        shuffle: bool | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> SceneDataset:
         if split not in self.fmt.splits:
-            raise ValueError(f"{self.fmt.name} make_dataset: unknown split {split!r}; choose from {self.fmt.splits}")
+            raise ValueError(
+                f"{self.fmt.name} make_dataset: unknown split {split!r}; choose from {self.fmt.splits}"
+            )
         return SceneDataset(
-            self.fmt, self.builder, split, batch_size, augment=common.default_augment(split, augment), seed=seed,
-            epoch=epoch, start_step=start_step, drop_remainder=drop_remainder,
-            shuffle=split == "train" if shuffle is None else shuffle, process_index=process_index,
-            process_count=process_count, augmentation=self.augmentation)
+            self.fmt,
+            self.builder,
+            split,
+            batch_size,
+            augment=common.default_augment(split, augment),
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            drop_remainder=drop_remainder,
+            shuffle=split == "train" if shuffle is None else shuffle,
+            process_index=process_index,
+            process_count=process_count,
+            augmentation=self.augmentation,
+        )
 
 
-def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size: int, *,
-                 augment: bool | None = None, seed: int = 0, epoch: int = 0, start_step: int = 0,
-                 drop_remainder: bool = False, shuffle: bool | None = None,
-                 process_index: int | None = None, process_count: int | None = None,
-                 cache_dir: str | Path | None = None, verbose: bool = True,
-                 augmentation: Augmentation | None = None) -> SceneDataset:
+def make_dataset(
+    fmt: SceneFormat,
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    augment: bool | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start_step: int = 0,
+    drop_remainder: bool = False,
+    shuffle: bool | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: bool = True,
+    augmentation: Augmentation | None = None,
+) -> SceneDataset:
     """One epoch of ``split`` from a ``.npy`` folder in ``fmt``'s layout (module docstring).
 
     ``augment`` and ``shuffle`` default to True for "train" and False otherwise;
@@ -492,7 +627,18 @@ def make_dataset(fmt: SceneFormat, data_dir: str | Path, split: str, batch_size:
     ``jax.process_count()`` unless given). Checks the folder each call: a run opens a
     ``SceneSource`` once instead.
     """
-    source = SceneSource(fmt, data_dir, cache_dir=cache_dir, verbose=verbose, augmentation=augmentation)
-    return source.dataset(split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
-                          drop_remainder=drop_remainder, shuffle=shuffle, process_index=process_index,
-                          process_count=process_count)
+    source = SceneSource(
+        fmt, data_dir, cache_dir=cache_dir, verbose=verbose, augmentation=augmentation
+    )
+    return source.dataset(
+        split,
+        batch_size,
+        augment=augment,
+        seed=seed,
+        epoch=epoch,
+        start_step=start_step,
+        drop_remainder=drop_remainder,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+    )

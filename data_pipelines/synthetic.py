@@ -65,18 +65,61 @@ from data_pipelines.common import DataError
 GENERATOR_VERSION = 1
 
 KINDS = ("nyuv2", "cityscapes")
-FIELDS = {"nyuv2": ("image", "label", "depth", "normal"),
-          "cityscapes": ("image", "label_19", "part_seg", "depth")}
+FIELDS = {
+    "nyuv2": ("image", "label", "depth", "normal"),
+    "cityscapes": ("image", "label_19", "part_seg", "depth"),
+}
 DEFAULT_SIZE = {"nyuv2": (96, 128), "cityscapes": (64, 128)}
 SPLITS = ("train", "val")
 
-NYUV2_CLASSES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
-                 "painting", "sofa", "table", "tv", "wall", "window")
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-                      "truck", "bus", "train", "motorcycle", "bicycle")
-CITYSCAPES_PARTS = ("torso", "head", "arms", "legs", "window", "wheel", "light",
-                    "license plate", "chassis", "other")
+NYUV2_CLASSES = (
+    "bed",
+    "books",
+    "ceiling",
+    "chair",
+    "floor",
+    "furniture",
+    "objects",
+    "painting",
+    "sofa",
+    "table",
+    "tv",
+    "wall",
+    "window",
+)
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+CITYSCAPES_PARTS = (
+    "torso",
+    "head",
+    "arms",
+    "legs",
+    "window",
+    "wheel",
+    "light",
+    "license plate",
+    "chassis",
+    "other",
+)
 
 INDOOR_HFOV_DEG = 60.0
 STREET_FOCAL_PER_WIDTH = 2262.05 / 2048.0
@@ -87,10 +130,31 @@ _EPS = 1e-9
 _SPLIT_CODE = {"train": 0, "val": 1}
 
 # NYUv2 ids
-BED, BOOKS, CEILING, CHAIR, FLOOR, FURNITURE, OBJECTS, PAINTING, SOFA, TABLE, TV, WALL, WINDOW = range(13)
+BED, BOOKS, CEILING, CHAIR, FLOOR, FURNITURE, OBJECTS, PAINTING, SOFA, TABLE, TV, WALL, WINDOW = (
+    range(13)
+)
 # Cityscapes train ids
-(ROAD, SIDEWALK, BUILDING, CS_WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN,
- SKY, PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
+(
+    ROAD,
+    SIDEWALK,
+    BUILDING,
+    CS_WALL,
+    FENCE,
+    POLE,
+    TRAFFIC_LIGHT,
+    TRAFFIC_SIGN,
+    VEGETATION,
+    TERRAIN,
+    SKY,
+    PERSON,
+    RIDER,
+    CAR,
+    TRUCK,
+    BUS,
+    TRAIN,
+    MOTORCYCLE,
+    BICYCLE,
+) = range(19)
 # Cityscapes parts
 TORSO, HEAD, ARMS, LEGS, P_WINDOW, WHEEL, LIGHT, PLATE, CHASSIS, OTHER = range(10)
 
@@ -195,7 +259,7 @@ class Sphere:
         oc = origins - self.center
         a = np.einsum("ij,ij->i", dirs, dirs)
         b = (oc * dirs).sum(-1)
-        c = (oc * oc).sum(-1) - self.radius ** 2
+        c = (oc * oc).sum(-1) - self.radius**2
         disc = b * b - a * c
         root = np.sqrt(np.maximum(disc, 0.0))
         t0 = (-b - root) / a
@@ -217,8 +281,13 @@ class Hits(NamedTuple):
     normal: np.ndarray  # (N, 3) unit normal facing the ray (normal . dir <= 0), 0 if none
 
 
-def _raycast(origins, dirs, primitives: Sequence[Primitive], t_max: float = np.inf,
-             candidates: Sequence[np.ndarray | None] | None = None) -> Hits:
+def _raycast(
+    origins,
+    dirs,
+    primitives: Sequence[Primitive],
+    t_max: float = np.inf,
+    candidates: Sequence[np.ndarray | None] | None = None,
+) -> Hits:
     """Nearest hit of each ray ``origins + t * dirs`` (t > 0, t < t_max) among
     ``primitives``. ``origins``: (3,) or (N, 3); ``dirs``: (N, 3), any length.
     ``candidates[k]``: the indices of the only rays that can hit primitive k (None: all)."""
@@ -279,7 +348,9 @@ def _pixel_rays(height: int, width: int, focal: float) -> np.ndarray:
 
 def _corners(prim: Primitive, camera_rotation: np.ndarray) -> np.ndarray | None:
     """Corners of a box bounding the primitive (world frame); None for planes."""
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+    signs = np.array(
+        [[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64
+    )
     if isinstance(prim, Box):
         return prim.center + (signs * prim.half) @ prim.rotation.T
     if isinstance(prim, Sphere):
@@ -298,7 +369,9 @@ class Camera:
         of a hit is its depth."""
         return _pixel_rays(height, width, self.focal) @ self.rotation.T
 
-    def candidates(self, primitives: Sequence[Primitive], height: int, width: int) -> list[np.ndarray | None]:
+    def candidates(
+        self, primitives: Sequence[Primitive], height: int, width: int
+    ) -> list[np.ndarray | None]:
         """For ``_raycast``: per primitive, the pixels inside the screen rectangle that
         bounds the projection of its bounding box (exact culling: a convex body in front
         of the camera projects inside the hull of its bounding corners' projections);
@@ -319,12 +392,20 @@ class Camera:
                 continue
             col = self.focal * cam[:, 0] / z + width / 2.0 - 0.5  # pixel-centre coordinates
             row = self.focal * cam[:, 1] / z + height / 2.0 - 0.5
-            c0, c1 = max(int(np.floor(col.min())) - 1, 0), min(int(np.ceil(col.max())) + 1, width - 1)
-            r0, r1 = max(int(np.floor(row.min())) - 1, 0), min(int(np.ceil(row.max())) + 1, height - 1)
+            c0, c1 = (
+                max(int(np.floor(col.min())) - 1, 0),
+                min(int(np.ceil(col.max())) + 1, width - 1),
+            )
+            r0, r1 = (
+                max(int(np.floor(row.min())) - 1, 0),
+                min(int(np.ceil(row.max())) + 1, height - 1),
+            )
             if c0 > c1 or r0 > r1:
                 out.append(np.zeros(0, dtype=np.int64))
                 continue
-            out.append((np.arange(r0, r1 + 1)[:, None] * width + np.arange(c0, c1 + 1)[None, :]).ravel())
+            out.append(
+                (np.arange(r0, r1 + 1)[:, None] * width + np.arange(c0, c1 + 1)[None, :]).ravel()
+            )
         return out
 
 
@@ -333,10 +414,12 @@ class Camera:
 
 def _hash01(ix: np.ndarray, iy: np.ndarray, iz: np.ndarray, salt: int) -> np.ndarray:
     """Deterministic value in [0, 1) per integer lattice point (splitmix64 finaliser)."""
-    h = (ix.astype(np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-         ^ iy.astype(np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
-         ^ iz.astype(np.int64).astype(np.uint64) * np.uint64(0x165667B19E3779F9)
-         ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF))
+    h = (
+        ix.astype(np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        ^ iy.astype(np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        ^ iz.astype(np.int64).astype(np.uint64) * np.uint64(0x165667B19E3779F9)
+        ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)
+    )
     h ^= h >> np.uint64(30)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
@@ -356,7 +439,7 @@ def _texture(points: np.ndarray, kind: str, freq: float, salt: int) -> np.ndarra
     if kind == "stripes":
         return 0.5 + 0.5 * np.sin(2 * np.pi * (q @ _STRIPE_AXIS))
     if kind == "checker":
-        return (np.floor(q).sum(-1) % 2.0)
+        return np.floor(q).sum(-1) % 2.0
     if kind == "noise":
         f = np.floor(q)
         coarse = _hash01(f[:, 0], f[:, 1], f[:, 2], salt)
@@ -365,8 +448,13 @@ def _texture(points: np.ndarray, kind: str, freq: float, salt: int) -> np.ndarra
         return 0.65 * coarse + 0.35 * fine
     if kind == "grain":
         f = np.floor(q * 4.0)
-        return np.clip(0.5 + 0.4 * np.sin(2 * np.pi * (q @ _STRIPE_AXIS))
-                       + 0.3 * (_hash01(f[:, 0], f[:, 1], f[:, 2], salt) - 0.5), 0.0, 1.0)
+        return np.clip(
+            0.5
+            + 0.4 * np.sin(2 * np.pi * (q @ _STRIPE_AXIS))
+            + 0.3 * (_hash01(f[:, 0], f[:, 1], f[:, 2], salt) - 0.5),
+            0.0,
+            1.0,
+        )
     raise ValueError(f"unknown texture {kind!r}")
 
 
@@ -414,8 +502,14 @@ def _albedo(points, index, labels, prims, materials, jitter, salt) -> np.ndarray
     modulated by the class's texture."""
     n = len(points)
     albedo = np.zeros((n, 3))
-    colors = np.array([materials.get(p.label, ((0.5, 0.5, 0.5),))[0] if p.color is None else p.color
-                       for p in prims] + [(0.0, 0.0, 0.0)], dtype=np.float64)
+    colors = np.array(
+        [
+            materials.get(p.label, ((0.5, 0.5, 0.5),))[0] if p.color is None else p.color
+            for p in prims
+        ]
+        + [(0.0, 0.0, 0.0)],
+        dtype=np.float64,
+    )
     base = colors[index]  # index -1 -> the last row (unused)
     for lab in np.unique(labels):
         if lab < 0 or lab not in materials:
@@ -439,7 +533,9 @@ def _boundary(keys: np.ndarray) -> np.ndarray:
     return edge
 
 
-def _finish_image(radiance: np.ndarray, pix: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _finish_image(
+    radiance: np.ndarray, pix: np.random.Generator, height: int, width: int
+) -> np.ndarray:
     noisy = radiance.reshape(height, width, 3) + pix.normal(0.0, 0.01, (height, width, 3))
     return np.clip(noisy, 0.0, 1.0).astype(np.float32)
 
@@ -474,22 +570,34 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
         Plane((0, ry, 0), (0, -1, 0), WALL, tag="wall", meta={"u": (1, 0, 0), "length": rx}),
     ]
     # mostly near a wall, looking into the room, like a person taking a photo
-    cam_pos = np.array([rng.uniform(0.4, rx - 0.4), rng.uniform(0.4, ry - 0.4),
-                        rng.uniform(1.0, min(1.7, rz - 0.4))])
+    cam_pos = np.array(
+        [
+            rng.uniform(0.4, rx - 0.4),
+            rng.uniform(0.4, ry - 0.4),
+            rng.uniform(1.0, min(1.7, rz - 0.4)),
+        ]
+    )
     if rng.random() < 0.7:
         side = rng.integers(4)
         near = rng.uniform(0.4, 1.2)
         cam_pos[side // 2] = near if side % 2 == 0 else room[side // 2] - near
     to_centre = room[:2] / 2 - cam_pos[:2]
     yaw = math.atan2(to_centre[1], to_centre[0]) + rng.uniform(-0.9, 0.9)
-    camera = Camera(cam_pos, _camera_rotation(yaw, math.radians(rng.uniform(-28, 3)),
-                                              math.radians(rng.uniform(-3, 3))), 1.0)
+    camera = Camera(
+        cam_pos,
+        _camera_rotation(yaw, math.radians(rng.uniform(-28, 3)), math.radians(rng.uniform(-3, 3))),
+        1.0,
+    )
     footprints: list[tuple[float, float, float]] = []  # (x, y, radius) of placed floor objects
-    supports: list[tuple[np.ndarray, float, float, float, float]] = []  # (centre xy, yaw, hx, hy, top z)
+    supports: list[
+        tuple[np.ndarray, float, float, float, float]
+    ] = []  # (centre xy, yaw, hx, hy, top z)
 
     def place(hx: float, hy: float, against_wall: float = 0.5, tries: int = 25):
         for _ in range(tries):
-            yaw = rng.integers(4) * np.pi / 2 + (rng.uniform(-0.4, 0.4) if rng.random() < 0.3 else 0.0)
+            yaw = rng.integers(4) * np.pi / 2 + (
+                rng.uniform(-0.4, 0.4) if rng.random() < 0.3 else 0.0
+            )
             c, s = abs(math.cos(yaw)), abs(math.sin(yaw))
             ex, ey = c * hx + s * hy, s * hx + c * hy  # axis-aligned half extents
             if 2 * ex > rx - 0.1 or 2 * ey > ry - 0.1:
@@ -518,8 +626,13 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
     def legs(xy, yaw, hx, hy, height, label, thick=0.025):
         for sx in (-1, 1):
             for sy in (-1, 1):
-                add_box(xy, yaw, (sx * (hx - thick), sy * (hy - thick), height / 2),
-                        (thick, thick, height / 2), label)
+                add_box(
+                    xy,
+                    yaw,
+                    (sx * (hx - thick), sy * (hy - thick), height / 2),
+                    (thick, thick, height / 2),
+                    label,
+                )
 
     if rng.random() < 0.5:  # bed: mattress + headboard
         hx, hy = 1.0 * rng.uniform(0.9, 1.1), 0.75 * rng.uniform(0.9, 1.2)
@@ -550,7 +663,11 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
             legs(xy, yaw, h, h, 0.425, CHAIR, 0.02)
             add_box(xy, yaw, (-h + 0.02, 0, 0.7), (0.02, h, 0.23), CHAIR)
     for _ in range(rng.integers(2, 6)):  # furniture: cabinets, shelves, wardrobes
-        hx, hy, height = rng.uniform(0.3, 0.8), rng.uniform(0.2, 0.3), rng.uniform(0.5, min(2.1, rz - 0.2))
+        hx, hy, height = (
+            rng.uniform(0.3, 0.8),
+            rng.uniform(0.2, 0.3),
+            rng.uniform(0.5, min(2.1, rz - 0.2)),
+        )
         xy, yaw = place(hx, hy, 0.85)
         if xy is not None:
             add_box(xy, yaw, (0, 0, height / 2), (hx, hy, height / 2), FURNITURE)
@@ -560,11 +677,19 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
         """A point on a support surface (or on the floor): (x, y, z of the surface)."""
         if supports and rng.random() < 0.75:
             xy, yaw, hx, hy, top = supports[rng.integers(len(supports))]
-            local = np.array([rng.uniform(-1, 1) * max(hx - margin, 0.0),
-                              rng.uniform(-1, 1) * max(hy - margin, 0.0), 0.0])
+            local = np.array(
+                [
+                    rng.uniform(-1, 1) * max(hx - margin, 0.0),
+                    rng.uniform(-1, 1) * max(hy - margin, 0.0),
+                    0.0,
+                ]
+            )
             p = np.array([xy[0], xy[1], 0.0]) + _rot_z(yaw) @ local
             return p[0], p[1], top, False
-        x, y = rng.uniform(margin + 0.05, rx - margin - 0.05), rng.uniform(margin + 0.05, ry - margin - 0.05)
+        x, y = (
+            rng.uniform(margin + 0.05, rx - margin - 0.05),
+            rng.uniform(margin + 0.05, ry - margin - 0.05),
+        )
         return x, y, 0.0, True
 
     def clear_of_camera(x, y, r, on_floor):
@@ -581,19 +706,35 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
             half = (rng.uniform(0.012, 0.03), rng.uniform(0.08, 0.12), rng.uniform(0.10, 0.14))
         x, y, z, on_floor = spot(0.15)
         if clear_of_camera(x, y, 0.2, on_floor):
-            prims.append(Box((x, y, z + half[2]), half, rng.uniform(0, np.pi), BOOKS,
-                             color=tuple(rng.uniform(0.1, 0.9, 3))))
+            prims.append(
+                Box(
+                    (x, y, z + half[2]),
+                    half,
+                    rng.uniform(0, np.pi),
+                    BOOKS,
+                    color=tuple(rng.uniform(0.1, 0.9, 3)),
+                )
+            )
     for _ in range(rng.integers(2, 9)):  # objects: balls, vases, boxes
         x, y, z, on_floor = spot(0.2)
         if rng.random() < 0.7:
             r = rng.uniform(0.06, 0.12) if not on_floor else rng.uniform(0.1, 0.32)
             if clear_of_camera(x, y, r, on_floor):
-                prims.append(Sphere((x, y, z + r), r, OBJECTS, color=tuple(rng.uniform(0.15, 0.9, 3))))
+                prims.append(
+                    Sphere((x, y, z + r), r, OBJECTS, color=tuple(rng.uniform(0.15, 0.9, 3)))
+                )
         else:
             half = rng.uniform(0.05, 0.15, 3)
             if clear_of_camera(x, y, float(np.hypot(half[0], half[1])), on_floor):
-                prims.append(Box((x, y, z + half[2]), half, rng.uniform(0, np.pi), OBJECTS,
-                                 color=tuple(rng.uniform(0.15, 0.9, 3))))
+                prims.append(
+                    Box(
+                        (x, y, z + half[2]),
+                        half,
+                        rng.uniform(0, np.pi),
+                        OBJECTS,
+                        color=tuple(rng.uniform(0.15, 0.9, 3)),
+                    )
+                )
 
     decals: list[_Decal] = []
     used: dict[int, list[tuple[float, float]]] = {}
@@ -620,12 +761,27 @@ def _indoor_geometry(rng: np.random.Generator) -> dict:
     if rng.random() < 0.4:
         add_decal(TV, (0.8, 1.3), (0.45, 0.75), (0.9, 1.2), _INDOOR_MATERIALS[TV][0])
 
-    lights = [np.array([rng.uniform(0.3, rx - 0.3), rng.uniform(0.3, ry - 0.3), rz - rng.uniform(0.2, 0.6)])
-              for _ in range(rng.integers(1, 3))]
-    holes = [(rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.01, 0.035)) for _ in range(rng.integers(0, 4))]
+    lights = [
+        np.array(
+            [rng.uniform(0.3, rx - 0.3), rng.uniform(0.3, ry - 0.3), rz - rng.uniform(0.2, 0.6)]
+        )
+        for _ in range(rng.integers(1, 3))
+    ]
+    holes = [
+        (rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.01, 0.035))
+        for _ in range(rng.integers(0, 4))
+    ]
     jitter = {lab: rng.uniform(0.85, 1.15, 3) for lab in range(13)}
-    return {"prims": prims, "decals": decals, "camera": camera, "lights": lights, "holes": holes,
-            "jitter": jitter, "ambient": rng.uniform(0.25, 0.35), "salt": int(rng.integers(1 << 31))}
+    return {
+        "prims": prims,
+        "decals": decals,
+        "camera": camera,
+        "lights": lights,
+        "holes": holes,
+        "jitter": jitter,
+        "ambient": rng.uniform(0.25, 0.35),
+        "salt": int(rng.integers(1 << 31)),
+    }
 
 
 def _holes_mask(holes, height: int, width: int) -> np.ndarray:
@@ -646,7 +802,9 @@ def _render_indoor(rng: np.random.Generator, height: int, width: int):
     camera.focal = (width / 2.0) / math.tan(math.radians(INDOOR_HFOV_DEG) / 2.0)
     prims = scene["prims"]
     dirs = camera.rays(height, width)
-    hits = _raycast(camera.position, dirs, prims, candidates=camera.candidates(prims, height, width))
+    hits = _raycast(
+        camera.position, dirs, prims, candidates=camera.candidates(prims, height, width)
+    )
     index, points = hits.index, hits.point
     labels = np.array([p.label for p in prims] + [-1])[index]
     decal_id = np.full(len(index), -1)
@@ -659,7 +817,9 @@ def _render_indoor(rng: np.random.Generator, height: int, width: int):
         labels[sel[inside]] = decal.label
         decal_id[sel[inside]] = k
 
-    albedo = _albedo(points, index, labels, prims, _INDOOR_MATERIALS, scene["jitter"], scene["salt"])
+    albedo = _albedo(
+        points, index, labels, prims, _INDOOR_MATERIALS, scene["jitter"], scene["salt"]
+    )
     for k, decal in enumerate(scene["decals"]):  # decals have their own colour; TV frames
         sel = decal_id == k
         if decal.label == PAINTING:
@@ -679,7 +839,9 @@ def _render_indoor(rng: np.random.Generator, height: int, width: int):
 
     depth = np.where(index >= 0, hits.t, 0.0).reshape(height, width)
     normal_cam = (normal @ camera.rotation).reshape(height, width, 3)
-    invalid = glass.reshape(height, width) | _holes_mask(scene["holes"], height, width) | (depth <= 0)
+    invalid = (
+        glass.reshape(height, width) | _holes_mask(scene["holes"], height, width) | (depth <= 0)
+    )
     depth[invalid] = 0.0
     normal_cam[invalid] = 0.0
 
@@ -687,10 +849,12 @@ def _render_indoor(rng: np.random.Generator, height: int, width: int):
     keys = (index * 64 + labels.ravel() + 1).reshape(height, width)
     ignore = _boundary(keys) & (pix.random((height, width)) < 0.5)
     labels = np.where(ignore, -1, labels)
-    out = {"image": image,
-           "label": labels.astype(np.float32),
-           "depth": depth[..., None].astype(np.float32),
-           "normal": normal_cam.astype(np.float32)}
+    out = {
+        "image": image,
+        "label": labels.astype(np.float32),
+        "depth": depth[..., None].astype(np.float32),
+        "normal": normal_cam.astype(np.float32),
+    }
     return out, scene, hits
 
 
@@ -713,54 +877,127 @@ def _person(prims, base, yaw, height, label, shirt, pants, skin):
     shoulder = 0.11 * height
 
     def box(offset, half, part, color):
-        prims.append(Box(np.asarray(base) + R @ np.asarray(offset), half, yaw, label, part=part, color=color))
+        prims.append(
+            Box(np.asarray(base) + R @ np.asarray(offset), half, yaw, label, part=part, color=color)
+        )
 
     for side in (-1, 1):
-        box((0, side * 0.05 * height, leg_h / 2), (0.045 * height, 0.042 * height, leg_h / 2), LEGS, pants)
-        box((0, side * (shoulder + 0.03 * height), leg_h + torso_h - 0.19 * height),
-            (0.03 * height, 0.028 * height, 0.19 * height), ARMS, tuple(0.85 * np.asarray(shirt)))
+        box(
+            (0, side * 0.05 * height, leg_h / 2),
+            (0.045 * height, 0.042 * height, leg_h / 2),
+            LEGS,
+            pants,
+        )
+        box(
+            (0, side * (shoulder + 0.03 * height), leg_h + torso_h - 0.19 * height),
+            (0.03 * height, 0.028 * height, 0.19 * height),
+            ARMS,
+            tuple(0.85 * np.asarray(shirt)),
+        )
     box((0, 0, leg_h + torso_h / 2), (0.06 * height, shoulder, torso_h / 2), TORSO, shirt)
-    prims.append(Sphere(np.asarray(base) + np.array([0, 0, leg_h + torso_h + 0.01 * height + head_r]),
-                        head_r, label, part=HEAD, color=skin))
+    prims.append(
+        Sphere(
+            np.asarray(base) + np.array([0, 0, leg_h + torso_h + 0.01 * height + head_r]),
+            head_r,
+            label,
+            part=HEAD,
+            color=skin,
+        )
+    )
 
 
 def _vehicle(prims, rng, x, y, yaw, label):
     """Box-shaped vehicle(s) with part rules in ``meta`` (see ``_vehicle_parts``)."""
     R = _rot_z(yaw)
     base = np.array([x, y, 0.0])
-    body_color = tuple(rng.uniform(0.05, 0.95, 3)) if rng.random() < 0.7 else tuple(np.full(3, rng.uniform(0.1, 0.9)))
+    body_color = (
+        tuple(rng.uniform(0.05, 0.95, 3))
+        if rng.random() < 0.7
+        else tuple(np.full(3, rng.uniform(0.1, 0.9)))
+    )
 
     def box(offset, half, **meta):
-        prims.append(Box(base + R @ np.asarray(offset), half, yaw, label, tag="vehicle", color=body_color,
-                         meta=meta))
+        prims.append(
+            Box(
+                base + R @ np.asarray(offset),
+                half,
+                yaw,
+                label,
+                tag="vehicle",
+                color=body_color,
+                meta=meta,
+            )
+        )
 
     if label == CAR:
         length, width, body_h = rng.uniform(3.8, 4.8), rng.uniform(1.7, 1.9), rng.uniform(0.7, 0.9)
         rw = 0.32
         wheels = (length / 2 - 0.85, -(length / 2 - 0.85))
-        box((0, 0, body_h / 2), (length / 2, width / 2, body_h / 2), style="body", wheels=wheels, rw=rw)
+        box(
+            (0, 0, body_h / 2),
+            (length / 2, width / 2, body_h / 2),
+            style="body",
+            wheels=wheels,
+            rw=rw,
+        )
         cab_l, cab_h = length * rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.6)
-        box((-0.05 * length, 0, body_h + cab_h / 2), (cab_l / 2, width * 0.45, cab_h / 2), style="cabin")
+        box(
+            (-0.05 * length, 0, body_h + cab_h / 2),
+            (cab_l / 2, width * 0.45, cab_h / 2),
+            style="cabin",
+        )
         return length
     if label == BUS:
         length, width, h = rng.uniform(10, 12.5), 2.5, rng.uniform(2.9, 3.2)
-        box((0, 0, h / 2), (length / 2, width / 2, h / 2), style="bus",
-            wheels=(length / 2 - 2.2, -(length / 2 - 3.0)), rw=0.5)
+        box(
+            (0, 0, h / 2),
+            (length / 2, width / 2, h / 2),
+            style="bus",
+            wheels=(length / 2 - 2.2, -(length / 2 - 3.0)),
+            rw=0.5,
+        )
         return length
     if label == TRUCK:
         cab_l, cargo_l, width = 2.0, rng.uniform(4.5, 7.0), 2.4
-        box((cargo_l / 2 + 0.1, 0, 1.3), (cab_l / 2, width / 2 - 0.05, 1.3), style="cab", wheels=(0.0,), rw=0.5)
-        box((-cab_l / 2, 0, 1.6), (cargo_l / 2, width / 2, 1.6), style="cargo",
-            wheels=(-(cargo_l / 2 - 1.0), -(cargo_l / 2 - 2.1)), rw=0.5)
+        box(
+            (cargo_l / 2 + 0.1, 0, 1.3),
+            (cab_l / 2, width / 2 - 0.05, 1.3),
+            style="cab",
+            wheels=(0.0,),
+            rw=0.5,
+        )
+        box(
+            (-cab_l / 2, 0, 1.6),
+            (cargo_l / 2, width / 2, 1.6),
+            style="cargo",
+            wheels=(-(cargo_l / 2 - 1.0), -(cargo_l / 2 - 2.1)),
+            rw=0.5,
+        )
         return cab_l + cargo_l
     # motorcycle / bicycle with a rider
-    length, width, h, rw = (2.0, 0.35, 1.0, 0.32) if label == MOTORCYCLE else (1.75, 0.12, 0.9, 0.34)
-    box((0, 0, h / 2), (length / 2, width / 2, h / 2), style="bike", wheels=(length / 2 - rw, -(length / 2 - rw)),
-        rw=rw, light=label == MOTORCYCLE)
+    length, width, h, rw = (
+        (2.0, 0.35, 1.0, 0.32) if label == MOTORCYCLE else (1.75, 0.12, 0.9, 0.34)
+    )
+    box(
+        (0, 0, h / 2),
+        (length / 2, width / 2, h / 2),
+        style="bike",
+        wheels=(length / 2 - rw, -(length / 2 - rw)),
+        rw=rw,
+        light=label == MOTORCYCLE,
+    )
     shirt = tuple(rng.uniform(0.05, 0.9, 3))
     rider_h = rng.uniform(1.6, 1.85)
-    _person(prims, base + np.array([0, 0, h - 0.47 * rider_h + 0.05]), yaw, rider_h, RIDER, shirt,
-            tuple(rng.uniform(0.05, 0.5, 3)), (0.85, 0.66, 0.52))
+    _person(
+        prims,
+        base + np.array([0, 0, h - 0.47 * rider_h + 0.05]),
+        yaw,
+        rider_h,
+        RIDER,
+        shirt,
+        tuple(rng.uniform(0.05, 0.5, 3)),
+        (0.85, 0.66, 0.52),
+    )
     return length
 
 
@@ -791,7 +1028,13 @@ def _vehicle_parts(local: np.ndarray, half: np.ndarray, meta: dict) -> np.ndarra
         lamp_lo, lamp_hi = (0.55 * H, 0.82 * H) if style == "body" else (0.15 * H, 0.27 * H)
         if style == "bike":
             lamp_lo, lamp_hi = 0.6 * H, 0.8 * H
-        lamp = end & (h > lamp_lo) & (h < lamp_hi) & (np.abs(y) > half[1] - 0.32) & (np.abs(y) < half[1] - 0.04)
+        lamp = (
+            end
+            & (h > lamp_lo)
+            & (h < lamp_hi)
+            & (np.abs(y) > half[1] - 0.32)
+            & (np.abs(y) < half[1] - 0.04)
+        )
         if style == "bike":
             lamp = end & (x > 0) & (h > lamp_lo) & (h < lamp_hi)
         part[lamp] = LIGHT
@@ -800,7 +1043,7 @@ def _vehicle_parts(local: np.ndarray, half: np.ndarray, meta: dict) -> np.ndarra
         part[end & (np.abs(y) < 0.26) & (np.abs(h - plate_h) < 0.055)] = PLATE
     wheels, rw = meta.get("wheels", ()), meta.get("rw", 0.0)
     for xw in wheels:
-        part[side & ((x - xw) ** 2 + (h - rw) ** 2 < rw ** 2)] = WHEEL
+        part[side & ((x - xw) ** 2 + (h - rw) ** 2 < rw**2)] = WHEEL
     if wheels and style != "bike":
         part[end & (np.abs(y) > half[1] - 0.25) & (h < 0.8 * rw)] = WHEEL
     if style == "bike":
@@ -808,8 +1051,12 @@ def _vehicle_parts(local: np.ndarray, half: np.ndarray, meta: dict) -> np.ndarra
     return part
 
 
-_PART_COLORS = {P_WINDOW: (0.12, 0.16, 0.22), WHEEL: (0.04, 0.04, 0.04), LIGHT: (1.0, 0.93, 0.65),
-                PLATE: (0.93, 0.93, 0.88)}
+_PART_COLORS = {
+    P_WINDOW: (0.12, 0.16, 0.22),
+    WHEEL: (0.04, 0.04, 0.04),
+    LIGHT: (1.0, 0.93, 0.65),
+    PLATE: (0.93, 0.93, 0.88),
+}
 
 
 def _street_geometry(rng: np.random.Generator) -> dict:
@@ -820,13 +1067,23 @@ def _street_geometry(rng: np.random.Generator) -> dict:
     curb = 0.15
     prims: list[Primitive] = [Plane((0, 0, 0), (0, 0, 1), ROAD, tag="ground")]
     for s in (-1, 1):
-        prims.append(Box((s * (road_half + sidewalk_w / 2), 150.0, curb / 2), (sidewalk_w / 2, 260.0, curb / 2),
-                         0.0, SIDEWALK))
+        prims.append(
+            Box(
+                (s * (road_half + sidewalk_w / 2), 150.0, curb / 2),
+                (sidewalk_w / 2, 260.0, curb / 2),
+                0.0,
+                SIDEWALK,
+            )
+        )
     cam_lane = int(rng.integers(lanes))
     cam_x = lane_w * (cam_lane + 0.5) + rng.uniform(-0.4, 0.4)
-    camera = Camera(np.array([cam_x, 0.0, rng.uniform(1.2, 1.6)]),
-                    _camera_rotation(np.pi / 2 + rng.normal(0, 0.04), rng.uniform(-0.05, 0.03),
-                                     rng.uniform(-0.02, 0.02)), 1.0)
+    camera = Camera(
+        np.array([cam_x, 0.0, rng.uniform(1.2, 1.6)]),
+        _camera_rotation(
+            np.pi / 2 + rng.normal(0, 0.04), rng.uniform(-0.05, 0.03), rng.uniform(-0.02, 0.02)
+        ),
+        1.0,
+    )
     y_end = rng.uniform(60, 200)
     for s in (-1, 1):  # buildings, with gaps holding fences, walls, trees
         x0 = road_half + sidewalk_w + rng.uniform(0.0, 3.0)
@@ -838,10 +1095,24 @@ def _street_geometry(rng: np.random.Generator) -> dict:
                 what = rng.integers(3)
                 if what == 0:
                     h = rng.uniform(1.0, 2.0)
-                    prims.append(Box((s * (x0 + 0.05), y + length / 2, h / 2), (0.05, length / 2, h / 2), 0.0, FENCE))
+                    prims.append(
+                        Box(
+                            (s * (x0 + 0.05), y + length / 2, h / 2),
+                            (0.05, length / 2, h / 2),
+                            0.0,
+                            FENCE,
+                        )
+                    )
                 elif what == 1:
                     h = rng.uniform(1.2, 3.0)
-                    prims.append(Box((s * (x0 + 0.15), y + length / 2, h / 2), (0.15, length / 2, h / 2), 0.0, CS_WALL))
+                    prims.append(
+                        Box(
+                            (s * (x0 + 0.15), y + length / 2, h / 2),
+                            (0.15, length / 2, h / 2),
+                            0.0,
+                            CS_WALL,
+                        )
+                    )
                 else:
                     r = rng.uniform(1.5, min(3.5, length / 2 + 1))
                     prims.append(Sphere((s * (x0 + r), y + length / 2, r * 0.9), r, VEGETATION))
@@ -850,13 +1121,28 @@ def _street_geometry(rng: np.random.Generator) -> dict:
                 h = rng.uniform(6, 28)
                 depth = rng.uniform(8, 20)
                 shade = rng.uniform(0.6, 1.2)
-                color = tuple(np.clip(np.array(_STREET_MATERIALS[BUILDING][0]) * shade * rng.uniform(0.8, 1.2, 3), 0, 1))
-                prims.append(Box((s * (x0 + setback + depth / 2), y + length / 2, h / 2), (depth / 2, length / 2, h / 2),
-                                 0.0, BUILDING, color=color))
+                color = tuple(
+                    np.clip(
+                        np.array(_STREET_MATERIALS[BUILDING][0]) * shade * rng.uniform(0.8, 1.2, 3),
+                        0,
+                        1,
+                    )
+                )
+                prims.append(
+                    Box(
+                        (s * (x0 + setback + depth / 2), y + length / 2, h / 2),
+                        (depth / 2, length / 2, h / 2),
+                        0.0,
+                        BUILDING,
+                        color=color,
+                    )
+                )
             y += length
     if rng.random() < 0.6:  # the street ends at a building
         h = rng.uniform(8, 30)
-        prims.append(Box((0.0, y_end + rng.uniform(10, 40) + 10, h / 2), (80.0, 10.0, h / 2), 0.0, BUILDING))
+        prims.append(
+            Box((0.0, y_end + rng.uniform(10, 40) + 10, h / 2), (80.0, 10.0, h / 2), 0.0, BUILDING)
+        )
 
     for s in (-1, 1):  # poles with signs / lights, and trees on the sidewalk
         y = rng.uniform(3, 15)
@@ -869,13 +1155,22 @@ def _street_geometry(rng: np.random.Generator) -> dict:
                 if what < 0.35:
                     prims.append(Box((px, y, h + 0.3), (0.03, 0.35, 0.3), 0.0, TRAFFIC_SIGN))
                 elif what < 0.65:
-                    prims.append(Box((px - s * 0.1, y, h - 0.2), (0.15, 0.15, 0.45), 0.0, TRAFFIC_LIGHT))
+                    prims.append(
+                        Box((px - s * 0.1, y, h - 0.2), (0.15, 0.15, 0.45), 0.0, TRAFFIC_LIGHT)
+                    )
             else:
                 tx = s * (road_half + sidewalk_w - rng.uniform(0.6, 1.2))
                 trunk = rng.uniform(1.8, 3.0)
                 r = rng.uniform(1.0, 2.2)
-                prims.append(Box((tx, y, trunk / 2), (0.12, 0.12, trunk / 2), 0.0, VEGETATION,
-                                 color=(0.30, 0.22, 0.14)))
+                prims.append(
+                    Box(
+                        (tx, y, trunk / 2),
+                        (0.12, 0.12, trunk / 2),
+                        0.0,
+                        VEGETATION,
+                        color=(0.30, 0.22, 0.14),
+                    )
+                )
                 prims.append(Sphere((tx, y, trunk + 0.7 * r), r, VEGETATION))
             y += rng.uniform(8, 25)
 
@@ -886,7 +1181,17 @@ def _street_geometry(rng: np.random.Generator) -> dict:
 
     def kind():
         r = rng.random()
-        return CAR if r < 0.72 else TRUCK if r < 0.82 else BUS if r < 0.88 else MOTORCYCLE if r < 0.94 else BICYCLE
+        return (
+            CAR
+            if r < 0.72
+            else TRUCK
+            if r < 0.82
+            else BUS
+            if r < 0.88
+            else MOTORCYCLE
+            if r < 0.94
+            else BICYCLE
+        )
 
     for s in (-1, 1):  # parked along the curbs
         y = rng.uniform(4, 12)
@@ -896,7 +1201,14 @@ def _street_geometry(rng: np.random.Generator) -> dict:
                 if label in (MOTORCYCLE, BICYCLE):
                     label = CAR
                 x = s * (road_half - 1.1)
-                length = _vehicle(prims, rng, x, y + 3, np.pi / 2 + rng.normal(0, 0.03) + (np.pi if s < 0 else 0), label)
+                length = _vehicle(
+                    prims,
+                    rng,
+                    x,
+                    y + 3,
+                    np.pi / 2 + rng.normal(0, 0.03) + (np.pi if s < 0 else 0),
+                    label,
+                )
                 occupied.append((x, y + 3 - length / 2, y + 3 + length / 2))
                 y += length + rng.uniform(0.8, 4)
             else:
@@ -911,26 +1223,49 @@ def _street_geometry(rng: np.random.Generator) -> dict:
         label = kind()
         heading = np.pi / 2 if lane >= 0 else -np.pi / 2
         if free(x, y - 7, y + 7):
-            length = _vehicle(prims, rng, x + rng.uniform(-0.3, 0.3), y, heading + rng.normal(0, 0.03), label)
+            length = _vehicle(
+                prims, rng, x + rng.uniform(-0.3, 0.3), y, heading + rng.normal(0, 0.03), label
+            )
             occupied.append((x, y - length / 2, y + length / 2))
     for _ in range(rng.integers(0, 7)):  # pedestrians, mostly on the sidewalks
         if rng.random() < 0.85:
             s = 1 if rng.random() < 0.5 else -1
-            base = (s * rng.uniform(road_half + 0.5, road_half + sidewalk_w - 0.3), rng.uniform(4, 50), curb)
+            base = (
+                s * rng.uniform(road_half + 0.5, road_half + sidewalk_w - 0.3),
+                rng.uniform(4, 50),
+                curb,
+            )
         else:
             base = (rng.uniform(-road_half, road_half), rng.uniform(10, 40), 0.0)
             if not free(base[0], base[1] - 1, base[1] + 1):
                 continue
-        _person(prims, np.array(base), rng.uniform(0, 2 * np.pi), rng.uniform(1.55, 1.95), PERSON,
-                tuple(rng.uniform(0.05, 0.9, 3)), tuple(rng.uniform(0.05, 0.5, 3)),
-                tuple(np.array([0.85, 0.66, 0.52]) * rng.uniform(0.55, 1.1)))
+        _person(
+            prims,
+            np.array(base),
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(1.55, 1.95),
+            PERSON,
+            tuple(rng.uniform(0.05, 0.9, 3)),
+            tuple(rng.uniform(0.05, 0.5, 3)),
+            tuple(np.array([0.85, 0.66, 0.52]) * rng.uniform(0.55, 1.1)),
+        )
 
     sun_el, sun_az = rng.uniform(0.35, 1.1), rng.uniform(0, 2 * np.pi)
-    sun = np.array([math.cos(sun_el) * math.cos(sun_az), math.cos(sun_el) * math.sin(sun_az), math.sin(sun_el)])
+    sun = np.array(
+        [math.cos(sun_el) * math.cos(sun_az), math.cos(sun_el) * math.sin(sun_az), math.sin(sun_el)]
+    )
     jitter = {lab: rng.uniform(0.85, 1.15, 3) for lab in range(19)}
-    return {"prims": prims, "camera": camera, "road_half": road_half, "lane_w": lane_w, "lanes": lanes,
-            "sun": sun, "jitter": jitter, "salt": int(rng.integers(1 << 31)),
-            "sky": (rng.uniform(0.45, 0.7), rng.uniform(0.6, 0.8), rng.uniform(0.85, 1.0))}
+    return {
+        "prims": prims,
+        "camera": camera,
+        "road_half": road_half,
+        "lane_w": lane_w,
+        "lanes": lanes,
+        "sun": sun,
+        "jitter": jitter,
+        "salt": int(rng.integers(1 << 31)),
+        "sky": (rng.uniform(0.45, 0.7), rng.uniform(0.6, 0.8), rng.uniform(0.85, 1.0)),
+    }
 
 
 def _render_street(rng: np.random.Generator, height: int, width: int):
@@ -941,8 +1276,13 @@ def _render_street(rng: np.random.Generator, height: int, width: int):
     camera.focal = STREET_FOCAL_PER_WIDTH * width
     prims = scene["prims"]
     dirs = camera.rays(height, width)
-    hits = _raycast(camera.position, dirs, prims, t_max=STREET_MAX_DISTANCE,
-                    candidates=camera.candidates(prims, height, width))
+    hits = _raycast(
+        camera.position,
+        dirs,
+        prims,
+        t_max=STREET_MAX_DISTANCE,
+        candidates=camera.candidates(prims, height, width),
+    )
     index, points = hits.index, hits.point
     n = len(index)
     labels = np.array([p.label for p in prims] + [SKY])[index]
@@ -950,7 +1290,9 @@ def _render_street(rng: np.random.Generator, height: int, width: int):
     ground = np.flatnonzero(index == 0)
     labels[ground[np.abs(points[ground, 0]) > scene["road_half"]]] = TERRAIN
 
-    albedo = _albedo(points, index, labels, prims, _STREET_MATERIALS, scene["jitter"], scene["salt"])
+    albedo = _albedo(
+        points, index, labels, prims, _STREET_MATERIALS, scene["jitter"], scene["salt"]
+    )
     for k in np.unique(index[index >= 0]):
         prim = prims[k]
         if prim.tag != "vehicle":
@@ -974,20 +1316,26 @@ def _render_street(rng: np.random.Generator, height: int, width: int):
     sky = index < 0
     elevation = np.clip(dirs[sky, 2] / np.linalg.norm(dirs[sky], axis=-1), 0.0, 1.0)
     sky_color = np.asarray(scene["sky"])
-    radiance[sky] = (1 - elevation[:, None]) * np.array([0.88, 0.9, 0.93]) + elevation[:, None] * sky_color
+    radiance[sky] = (1 - elevation[:, None]) * np.array([0.88, 0.9, 0.93]) + elevation[
+        :, None
+    ] * sky_color
     image = _finish_image(radiance, pix, height, width)
 
-    disparity = np.where(sky, -1.0, DISPARITY_SCALE / np.where(sky, 1.0, hits.t)).reshape(height, width)
+    disparity = np.where(sky, -1.0, DISPARITY_SCALE / np.where(sky, 1.0, hits.t)).reshape(
+        height, width
+    )
     labels = labels.reshape(height, width)
     parts = parts.reshape(height, width)
     keys = (index * 64 + labels.ravel() + 1).reshape(height, width)
     ignore = _boundary(keys) & (pix.random((height, width)) < 0.25)
     labels = np.where(ignore, -1, labels)
     parts = np.where(ignore, -1, parts)
-    out = {"image": image,
-           "label_19": labels.astype(np.float32),
-           "part_seg": parts.astype(np.float32),
-           "depth": disparity[..., None].astype(np.float32)}
+    out = {
+        "image": image,
+        "label_19": labels.astype(np.float32),
+        "part_seg": parts.astype(np.float32),
+        "depth": disparity[..., None].astype(np.float32),
+    }
     assert n == height * width
     return out, scene, hits
 
@@ -1008,7 +1356,9 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if int(seed) != seed or seed < 0 or index < 0:
         raise ValueError(f"seed and index must be integers >= 0, got seed={seed}, index={index}")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_CODE[split], int(index)]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), _SPLIT_CODE[split], int(index)])
+    )
 
 
 def _resolve(kind: str, height: int | None, width: int | None) -> tuple[int, int]:
@@ -1020,8 +1370,14 @@ def _resolve(kind: str, height: int | None, width: int | None) -> tuple[int, int
     return int(height), int(width)
 
 
-def render_example(kind: str, seed: int, split: str, index: int,
-                   height: int | None = None, width: int | None = None) -> dict[str, np.ndarray]:
+def render_example(
+    kind: str,
+    seed: int,
+    split: str,
+    index: int,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[str, np.ndarray]:
     """Scene ``index`` of ``split`` exactly as ``write_scenes`` writes it."""
     height, width = _resolve(kind, height, width)
     render = render_indoor_scene if kind == "nyuv2" else render_street_scene
@@ -1032,13 +1388,25 @@ def _is_complete(root: Path, kind: str, counts: dict[str, int]) -> bool:
     for split, n in counts.items():
         for name in FIELDS[kind]:
             folder = root / split / name
-            if not folder.is_dir() or len(os.listdir(folder)) != n or not (folder / f"{n - 1}.npy").is_file():
+            if (
+                not folder.is_dir()
+                or len(os.listdir(folder)) != n
+                or not (folder / f"{n - 1}.npy").is_file()
+            ):
                 return False
     return True
 
 
-def _generate(root: Path, kind: str, num_train: int, num_val: int, height: int | None,
-              width: int | None, seed: int, exist_ok: bool) -> Path:
+def _generate(
+    root: Path,
+    kind: str,
+    num_train: int,
+    num_val: int,
+    height: int | None,
+    width: int | None,
+    seed: int,
+    exist_ok: bool,
+) -> Path:
     height, width = _resolve(kind, height, width)
     for name, n in (("num_train", num_train), ("num_val", num_val)):
         if int(n) != n or n < 1:
@@ -1054,7 +1422,9 @@ def _generate(root: Path, kind: str, num_train: int, num_val: int, height: int |
     if occupied():
         if exist_ok and root.is_dir() and _is_complete(root, kind, counts):
             return root
-        raise DataError(f"{root}: already exists and is not empty; choose a new folder or remove it")
+        raise DataError(
+            f"{root}: already exists and is not empty; choose a new folder or remove it"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
     try:
@@ -1069,22 +1439,35 @@ def _generate(root: Path, kind: str, num_train: int, num_val: int, height: int |
                     np.save(tmp / split / name / f"{i}.npy", example[name])
                 done += 1
                 if total > 8 and (done % step == 0 or done == total):
-                    print(f"synthetic {kind} {height}x{width}: {done}/{total} scenes -> {root}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"synthetic {kind} {height}x{width}: {done}/{total} scenes -> {root}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         try:
             os.replace(tmp, root)  # atomic; replaces only an empty folder
         except OSError:
             if exist_ok and root.is_dir() and _is_complete(root, kind, counts):
                 return root  # another process won the race; ours is discarded below
-            raise DataError(f"{root}: appeared and is not empty while generating; not overwritten") from None
+            raise DataError(
+                f"{root}: appeared and is not empty while generating; not overwritten"
+            ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
-def write_scenes(root, *, kind: str = "nyuv2", num_train: int = 64, num_val: int = 16,
-                 height: int | None = None, width: int | None = None, seed: int = 0) -> Path:
+def write_scenes(
+    root,
+    *,
+    kind: str = "nyuv2",
+    num_train: int = 64,
+    num_val: int = 16,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Write ``num_train`` + ``num_val`` scenes of ``kind`` ("nyuv2" or "cityscapes") in
     its folder layout into ``root`` and return ``root``. Default size 96x128 (nyuv2) or
     64x128 (cityscapes). The files are written into a temporary sibling folder that is
@@ -1093,13 +1476,23 @@ def write_scenes(root, *, kind: str = "nyuv2", num_train: int = 64, num_val: int
     return _generate(Path(root), kind, num_train, num_val, height, width, seed, exist_ok=False)
 
 
-def synthetic_root(kind: str = "nyuv2", *, num_train: int = 64, num_val: int = 16, height: int | None = None,
-                   width: int | None = None, seed: int = 0, cache_dir=None) -> Path:
+def synthetic_root(
+    kind: str = "nyuv2",
+    *,
+    num_train: int = 64,
+    num_val: int = 16,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    cache_dir=None,
+) -> Path:
     """A cached synthetic data folder: generated once under ``cache_dir`` (default
     ``common.cache_root() / "synthetic"``) in a subfolder named after kind, size, counts,
     seed and ``GENERATOR_VERSION``, and returned as is afterwards. Safe if processes race."""
     height, width = _resolve(kind, height, width)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else common.cache_root() / "synthetic"
+    cache = (
+        Path(cache_dir).expanduser() if cache_dir is not None else common.cache_root() / "synthetic"
+    )
     name = f"{kind}_{height}x{width}_train{num_train}_val{num_val}_seed{seed}_v{GENERATOR_VERSION}"
     return _generate(cache / name, kind, num_train, num_val, height, width, seed, exist_ok=True)
 
@@ -1108,28 +1501,59 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipelines.synthetic",
         description="Write procedural ray-cast scenes in the NYUv2 or Cityscapes .npy folder "
-                    "format (root/{train,val}/<field>/{i}.npy) for testing and demos.")
-    parser.add_argument("--kind", choices=KINDS, default="nyuv2",
-                        help="nyuv2: indoor rooms with image/label/depth/normal; cityscapes: streets "
-                             "with image/label_19/part_seg/depth (disparity). Default: nyuv2")
-    parser.add_argument("--out", default=None,
-                        help="folder to create (must not exist or be empty). Default: the cache folder "
-                             "under $DGR_JAX_CACHE (or ~/.cache/dgr_jax)/synthetic, reused if already generated")
+        "format (root/{train,val}/<field>/{i}.npy) for testing and demos.",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="nyuv2",
+        help="nyuv2: indoor rooms with image/label/depth/normal; cityscapes: streets "
+        "with image/label_19/part_seg/depth (disparity). Default: nyuv2",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder to create (must not exist or be empty). Default: the cache folder "
+        "under $DGR_JAX_CACHE (or ~/.cache/dgr_jax)/synthetic, reused if already generated",
+    )
     parser.add_argument("--num_train", type=int, default=64, help="scenes in train/ (default 64)")
     parser.add_argument("--num_val", type=int, default=16, help="scenes in val/ (default 16)")
-    parser.add_argument("--height", type=int, default=None,
-                        help="image height in pixels (default 96 for nyuv2, 64 for cityscapes)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 128)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="scene seed (integer >= 0); the same seed gives the same files (default 0)")
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height in pixels (default 96 for nyuv2, 64 for cityscapes)",
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default 128)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="scene seed (integer >= 0); the same seed gives the same files (default 0)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.out is None:
-            root = synthetic_root(args.kind, num_train=args.num_train, num_val=args.num_val,
-                                  height=args.height, width=args.width, seed=args.seed)
+            root = synthetic_root(
+                args.kind,
+                num_train=args.num_train,
+                num_val=args.num_val,
+                height=args.height,
+                width=args.width,
+                seed=args.seed,
+            )
         else:
-            root = write_scenes(args.out, kind=args.kind, num_train=args.num_train, num_val=args.num_val,
-                                height=args.height, width=args.width, seed=args.seed)
+            root = write_scenes(
+                args.out,
+                kind=args.kind,
+                num_train=args.num_train,
+                num_val=args.num_val,
+                height=args.height,
+                width=args.width,
+                seed=args.seed,
+            )
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     print(root)

@@ -97,11 +97,17 @@ def list_examples(data_dir: str | Path) -> tuple[list[Path], dict[str, np.ndarra
         hint = ""
         if subfolders:
             hint = f"; it has subfolders (e.g. {subfolders[0].name}): point data_dir at the folder holding the .jpg files"
-        raise DataError(f"{folder}: no UTKFace images named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg[.chip.jpg] "
-                        f"({len(skipped)} other files){hint}")
+        raise DataError(
+            f"{folder}: no UTKFace images named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg[.chip.jpg] "
+            f"({len(skipped)} other files){hint}"
+        )
     if skipped:
-        print(f"note: {folder}: skipped {len(skipped)} file(s) not named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg"
-              f"[.chip.jpg], e.g. {skipped[0]!r}", file=sys.stderr, flush=True)
+        print(
+            f"note: {folder}: skipped {len(skipped)} file(s) not named {{age}}_{{gender}}_{{race}}_{{datetime}}.jpg"
+            f"[.chip.jpg], e.g. {skipped[0]!r}",
+            file=sys.stderr,
+            flush=True,
+        )
     ages_years = np.asarray(ages, np.int64)
     labels = {
         "age": age_bin(ages_years).astype(np.int32),
@@ -129,7 +135,9 @@ def split_indices(num_examples: int, split: str) -> np.ndarray:
 
 def _flip_key(seed: int, epoch: int) -> int:
     """One int64 from (seed, epoch): the first half of every example's stateless seed."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), 0xF11B]).generate_state(1, np.uint32)[0])
+    return int(
+        np.random.SeedSequence([int(seed), int(epoch), 0xF11B]).generate_state(1, np.uint32)[0]
+    )
 
 
 def _flip_flag(key: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -141,7 +149,9 @@ def flip_flags(indices: Sequence[int], seed: int, epoch: int) -> np.ndarray:
     """Whether ``augment=True`` flips the examples ``indices`` (into the sorted file list)
     in epoch ``epoch`` with ``seed``: bool (len(indices),)."""
     key = tf.constant(_flip_key(seed, epoch), tf.int64)
-    return np.array([bool(_flip_flag(key, tf.constant(int(i), tf.int64))) for i in indices], dtype=bool)
+    return np.array(
+        [bool(_flip_flag(key, tf.constant(int(i), tf.int64))) for i in indices], dtype=bool
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -160,22 +170,58 @@ class UTKFaceDataset:
     indices into ``list_examples``' list, in the order they are yielded.
     """
 
-    def __init__(self, data_dir: Path, paths: Sequence[Path], labels: dict[str, np.ndarray], split: str,
-                 batch_size: int, *, augment: bool, seed: int, epoch: int, start_step: int, image_size: int,
-                 drop_remainder: bool, shuffle: bool, process_index: int | None, process_count: int | None):
+    def __init__(
+        self,
+        data_dir: Path,
+        paths: Sequence[Path],
+        labels: dict[str, np.ndarray],
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool,
+        seed: int,
+        epoch: int,
+        start_step: int,
+        image_size: int,
+        drop_remainder: bool,
+        shuffle: bool,
+        process_index: int | None,
+        process_count: int | None,
+    ):
         if image_size < 1:
             raise ValueError(f"UTKFace make_dataset: image_size must be >= 1, got {image_size}")
-        self.data_dir, self.split, self.batch_size, self.image_size = data_dir, split, batch_size, image_size
+        self.data_dir, self.split, self.batch_size, self.image_size = (
+            data_dir,
+            split,
+            batch_size,
+            image_size,
+        )
         members = split_indices(len(paths), split)
         if len(members) == 0:
-            raise DataError(f"{data_dir}: the {split!r} split of {len(paths)} UTKFace image(s) is empty")
-        self.indices = members[common.plan_epoch(
-            len(members), batch_size, seed=seed, epoch=epoch, start_step=start_step, shuffle=shuffle,
-            drop_remainder=drop_remainder, process_index=process_index, process_count=process_count,
-            where="UTKFace make_dataset")]
+            raise DataError(
+                f"{data_dir}: the {split!r} split of {len(paths)} UTKFace image(s) is empty"
+            )
+        self.indices = members[
+            common.plan_epoch(
+                len(members),
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                start_step=start_step,
+                shuffle=shuffle,
+                drop_remainder=drop_remainder,
+                process_index=process_index,
+                process_count=process_count,
+                where="UTKFace make_dataset",
+            )
+        ]
         self.files = [paths[i] for i in self.indices]
         self._labels = {key: labels[key][self.indices] for key in LABEL_KEYS}
-        self._augment, self._key, self._drop_remainder = augment, _flip_key(seed, epoch), drop_remainder
+        self._augment, self._key, self._drop_remainder = (
+            augment,
+            _flip_key(seed, epoch),
+            drop_remainder,
+        )
 
     def __len__(self) -> int:
         return common.batches_per_epoch(len(self.indices), self.batch_size, self._drop_remainder)
@@ -191,31 +237,40 @@ class UTKFaceDataset:
             image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
             image = (image - mean) / std
             if augment:
-                image = tf.cond(_flip_flag(key, index), lambda: tf.reverse(image, axis=[1]), lambda: image)
+                image = tf.cond(
+                    _flip_flag(key, index), lambda: tf.reverse(image, axis=[1]), lambda: image
+                )
             image.set_shape([size, size, 3])
             return {"image": image, **labels}
 
-        ds = tf.data.Dataset.from_tensor_slices((
-            [str(p) for p in self.files] if self.files else tf.constant([], tf.string),
-            self.indices.astype(np.int64),
-            {name: value.astype(np.int32) for name, value in self._labels.items()}))
+        ds = tf.data.Dataset.from_tensor_slices(
+            (
+                [str(p) for p in self.files] if self.files else tf.constant([], tf.string),
+                self.indices.astype(np.int64),
+                {name: value.astype(np.int32) for name, value in self._labels.items()},
+            )
+        )
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.batch_size, drop_remainder=self._drop_remainder)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def _explain(self, step: int, error: tf.errors.OpError) -> DataError:
         """A DataError naming the file behind a failed batch (checked one by one, eagerly)."""
-        batch = self.files[step * self.batch_size:(step + 1) * self.batch_size]
+        batch = self.files[step * self.batch_size : (step + 1) * self.batch_size]
         for path in batch:
             if not path.is_file():
                 return DataError(f"{path}: UTKFace image disappeared or is not a file")
             try:
                 tf.io.decode_jpeg(tf.io.read_file(str(path)), channels=3)
             except (tf.errors.OpError, ValueError) as bad:
-                return DataError(f"{path}: unreadable JPEG ({type(bad).__name__}: {_one_line(bad)})")
+                return DataError(
+                    f"{path}: unreadable JPEG ({type(bad).__name__}: {_one_line(bad)})"
+                )
         names = f"{batch[0]} .. {batch[-1].name}" if batch else str(self.data_dir)
-        return DataError(f"{names}: reading batch {step} of UTKFace {self.split!r} failed "
-                         f"({type(error).__name__}: {_one_line(error)})")
+        return DataError(
+            f"{names}: reading batch {step} of UTKFace {self.split!r} failed "
+            f"({type(error).__name__}: {_one_line(error)})"
+        )
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         iterator = self.as_tf_dataset().as_numpy_iterator()
@@ -240,20 +295,52 @@ class UTKFaceSource:
         self.image_size = image_size
         self.paths, self.labels = list_examples(self.data_dir)
 
-    def dataset(self, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0, epoch: int = 0,
-                start_step: int = 0, drop_remainder: bool = False, process_index: int | None = None,
-                process_count: int | None = None) -> UTKFaceDataset:
+    def dataset(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool | None = None,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+        drop_remainder: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> UTKFaceDataset:
         split = canonical_split(split)
         return UTKFaceDataset(
-            self.data_dir, self.paths, self.labels, split, batch_size, augment=common.default_augment(split, augment),
-            seed=seed, epoch=epoch, start_step=start_step, image_size=self.image_size,
-            drop_remainder=drop_remainder, shuffle=split == "train", process_index=process_index,
-            process_count=process_count)
+            self.data_dir,
+            self.paths,
+            self.labels,
+            split,
+            batch_size,
+            augment=common.default_augment(split, augment),
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            image_size=self.image_size,
+            drop_remainder=drop_remainder,
+            shuffle=split == "train",
+            process_index=process_index,
+            process_count=process_count,
+        )
 
 
-def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: bool | None = None, seed: int = 0,
-                 epoch: int = 0, start_step: int = 0, image_size: int = 64, drop_remainder: bool = False,
-                 process_index: int | None = None, process_count: int | None = None) -> UTKFaceDataset:
+def make_dataset(
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    augment: bool | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start_step: int = 0,
+    image_size: int = 64,
+    drop_remainder: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> UTKFaceDataset:
     """One epoch of UTKFace ``split`` ("train", "test" or its alias "val") from ``data_dir``.
 
     Yields dict batches of numpy arrays: ``image`` float32 (B, image_size, image_size, 3),
@@ -269,8 +356,16 @@ def make_dataset(data_dir: str | Path, split: str, batch_size: int, *, augment: 
     ``UTKFaceSource`` once instead.
     """
     return UTKFaceSource(data_dir, image_size=image_size).dataset(
-        split, batch_size, augment=augment, seed=seed, epoch=epoch, start_step=start_step,
-        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+        split,
+        batch_size,
+        augment=augment,
+        seed=seed,
+        epoch=epoch,
+        start_step=start_step,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 open_source = UTKFaceSource
@@ -287,12 +382,18 @@ def write_fake_utkface(root: str | Path, num: int, seed: int = 0, size: int = 48
     """
     root = Path(root).expanduser()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root}: not an empty folder; write_fake_utkface only writes into a new or empty one")
+        raise DataError(
+            f"{root}: not an empty folder; write_fake_utkface only writes into a new or empty one"
+        )
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     written = []
     for i in range(num):
-        age, gender, race = int(rng.integers(0, 117)), int(rng.integers(0, 2)), int(rng.integers(0, 5))
+        age, gender, race = (
+            int(rng.integers(0, 117)),
+            int(rng.integers(0, 2)),
+            int(rng.integers(0, 5)),
+        )
         colour = np.array([40 + 1.5 * age, 60 + 120 * gender, 30 + 45 * race])
         pixels = colour + rng.normal(0.0, 25.0, size=(size, size, 3))
         pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)

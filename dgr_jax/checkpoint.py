@@ -38,24 +38,40 @@ def _one_line(error: BaseException) -> str:
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, *, max_to_keep: int = 2, best_metric: str = "delta_m",
-                 best_mode: str = "max"):
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        max_to_keep: int = 2,
+        best_metric: str = "delta_m",
+        best_mode: str = "max",
+    ):
         if best_mode not in ("max", "min"):
             raise ValueError(f"Checkpoints: best_mode must be 'max' or 'min', got {best_mode!r}")
         workdir = Path(workdir).expanduser().absolute()
         self.directory = workdir / "checkpoints"
         self.best_metric, self.best_mode = best_metric, best_mode
         self._latest = ocp.CheckpointManager(
-            self.directory, item_names=("state", "position"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory,
+            item_names=("state", "position"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
         self._best = ocp.CheckpointManager(
-            workdir / "best", item_names=("state", "position"),
+            workdir / "best",
+            item_names=("state", "position"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode))
+                max_to_keep=1,
+                create=True,
+                best_fn=lambda metrics: metrics[best_metric],
+                best_mode=best_mode,
+            ),
+        )
 
     @staticmethod
     def _args(state, position):
-        return ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(dict(position)))
+        return ocp.args.Composite(
+            state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(dict(position))
+        )
 
     def save(self, step: int, state: PyTree, position: Mapping[str, Any]) -> bool:
         """Checkpoint for resuming; ``position`` (JSON-able) says where the data stood.
@@ -73,7 +89,11 @@ class Checkpoints:
 
     def _files(self, step: int) -> dict[str, int]:
         root = self.directory / str(step)
-        return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): p.stat().st_size
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     def _record_finished(self) -> None:
         """Write the file record of every finished save that has none (the previous save is
@@ -115,10 +135,14 @@ class Checkpoints:
         step = self._best.latest_step()  # max_to_keep=1: the only one
         if step is None:
             return None
-        position = self._best.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
+        position = self._best.restore(
+            step, args=ocp.args.Composite(position=ocp.args.JsonRestore())
+        )["position"]
         return float(position["_best_value"])
 
-    def save_best(self, step: int, state: PyTree, position: Mapping[str, Any], metrics: Mapping[str, float]) -> bool:
+    def save_best(
+        self, step: int, state: PyTree, position: Mapping[str, Any], metrics: Mapping[str, float]
+    ) -> bool:
         """Keep ``state`` if ``metrics[best_metric]`` beats the kept one; returns whether it did.
         A NaN metric never becomes the best; a step kept already stays as it is."""
         value = float(metrics[self.best_metric])
@@ -128,8 +152,12 @@ class Checkpoints:
         if old is not None and not (value > old if self.best_mode == "max" else value < old):
             return False
         self._best.wait_until_finished()
-        self._best.save(step, args=self._args(state, {**position, "_best_value": value}),
-                        metrics={self.best_metric: value}, force=True)
+        self._best.save(
+            step,
+            args=self._args(state, {**position, "_best_value": value}),
+            metrics={self.best_metric: value},
+            force=True,
+        )
         return True
 
     def steps(self) -> list[int]:
@@ -141,7 +169,11 @@ class Checkpoints:
 
     def read_position(self, step: int) -> dict:
         """The position JSON of checkpoint ``step`` (cheap: no arrays are read)."""
-        return dict(self._latest.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"])
+        return dict(
+            self._latest.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))[
+                "position"
+            ]
+        )
 
     def restore(self, abstract_state: PyTree, step: int | None = None, *, best: bool = False):
         """``(state, position)`` from the latest (or ``step``, or the best) checkpoint.
@@ -150,8 +182,12 @@ class Checkpoints:
         step = (manager.best_step() if best else manager.latest_step()) if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {manager.directory}")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), position=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], restored["position"]
 
     def restore_newest(self, abstract_state: PyTree, log: Callable[[str], None] = print):
@@ -169,7 +205,9 @@ class Checkpoints:
                 except Exception as error:  # Orbax / TensorStore raise many kinds for damaged files
                     damage = _one_line(error)
             if damage is not None:
-                log(f"checkpoint {self.directory / str(step)} is unreadable ({damage}); trying the one before")
+                log(
+                    f"checkpoint {self.directory / str(step)} is unreadable ({damage}); trying the one before"
+                )
                 unreadable.append(step)
                 continue
             for bad in unreadable:  # kept for inspection, out of the way of the resumed run's saves
@@ -178,8 +216,10 @@ class Checkpoints:
                     self._record_path(bad).rename(self.directory / f"{bad}.unreadable.files.json")
             if unreadable:
                 self._latest.reload()
-                log(f"moved the unreadable checkpoint(s) aside: "
-                    f"{', '.join(str(self.directory / f'{bad}.unreadable') for bad in unreadable)}")
+                log(
+                    f"moved the unreadable checkpoint(s) aside: "
+                    f"{', '.join(str(self.directory / f'{bad}.unreadable') for bad in unreadable)}"
+                )
             return state, position, step
         raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
 

@@ -57,8 +57,12 @@ def init_metric_state(tasks: Sequence[Task]) -> MetricState:
     return {task.name: task.record.init_stats(task) for task in tasks}
 
 
-def update_metric_state(tasks: Sequence[Task], state: MetricState, outputs: Mapping[str, jax.Array],
-                        batch: Mapping[str, jax.Array]) -> MetricState:
+def update_metric_state(
+    tasks: Sequence[Task],
+    state: MetricState,
+    outputs: Mapping[str, jax.Array],
+    batch: Mapping[str, jax.Array],
+) -> MetricState:
     """Add one batch's statistics. ``outputs[name]``: logits ``(..., C)`` (segmentation,
     classification), values shaped like the target (regression), unit normals
     ``(..., 3)`` (normal); ``batch[name]``: the target (integer labels ``(...)`` without
@@ -69,8 +73,9 @@ def update_metric_state(tasks: Sequence[Task], state: MetricState, outputs: Mapp
         for source, what in ((outputs, "outputs"), (batch, "batch")):
             if task.name not in source:
                 raise ValueError(f"update_metric_state: {what} has no entry for task {task.name!r}")
-        new_state[task.name] = task.record.update_stats(task, state[task.name], jnp.asarray(outputs[task.name]),
-                                                        jnp.asarray(batch[task.name]))
+        new_state[task.name] = task.record.update_stats(
+            task, state[task.name], jnp.asarray(outputs[task.name]), jnp.asarray(batch[task.name])
+        )
     return new_state
 
 
@@ -82,8 +87,11 @@ def merge_metric_states(a: MetricState, b: MetricState) -> MetricState:
 def compute_metrics(tasks: Sequence[Task], state: MetricState) -> dict[str, float]:
     """Host-side floats ``{"<task>/<metric>": value}`` from whole-set statistics
     (pass ``jax.device_get(state)`` or the device arrays)."""
-    return {f"{task.name}/{name}": value
-            for task in tasks for name, value in task.record.finalize(task, state[task.name]).items()}
+    return {
+        f"{task.name}/{name}": value
+        for task in tasks
+        for name, value in task.record.finalize(task, state[task.name]).items()
+    }
 
 
 def compute_paper_metrics(tasks: Sequence[Task], state: MetricState) -> dict[str, float]:
@@ -104,27 +112,39 @@ def load_reference(reference: Mapping[str, float], tasks: Sequence[Task]) -> dic
     must hold ``headline_key(task)`` for every task, as a finite non-zero number; other
     keys are allowed and dropped. Raises a one-line ``ValueError`` naming the problem key."""
     if isinstance(reference, (str, bytes, os.PathLike)):
-        raise TypeError(f"load_reference: got the path {reference!r}; dgr_jax reads no files, "
-                        "so load the JSON yourself and pass the dict")
+        raise TypeError(
+            f"load_reference: got the path {reference!r}; dgr_jax reads no files, "
+            "so load the JSON yourself and pass the dict"
+        )
     if not isinstance(reference, Mapping):
-        raise TypeError(f"load_reference: expected a dict of metrics, got {type(reference).__name__}")
+        raise TypeError(
+            f"load_reference: expected a dict of metrics, got {type(reference).__name__}"
+        )
     checked = {}
     for task in tasks:
         key = headline_key(task)
         if key not in reference:
-            raise ValueError(f"reference: missing {key!r} (task {task.name!r}); "
-                             f"it has {', '.join(map(repr, reference)) or 'no keys'}")
+            raise ValueError(
+                f"reference: missing {key!r} (task {task.name!r}); "
+                f"it has {', '.join(map(repr, reference)) or 'no keys'}"
+            )
         try:
             value = float(reference[key])
         except (TypeError, ValueError):
-            raise ValueError(f"reference: {key!r} must be a number, got {reference[key]!r}") from None
+            raise ValueError(
+                f"reference: {key!r} must be a number, got {reference[key]!r}"
+            ) from None
         if not math.isfinite(value) or value == 0:
-            raise ValueError(f"reference: {key!r} must be finite and non-zero (Δm divides by it), got {value}")
+            raise ValueError(
+                f"reference: {key!r} must be finite and non-zero (Δm divides by it), got {value}"
+            )
         checked[key] = value
     return checked
 
 
-def delta_m(metrics: Mapping[str, float], reference: Mapping[str, float], tasks: Sequence[Task]) -> float:
+def delta_m(
+    metrics: Mapping[str, float], reference: Mapping[str, float], tasks: Sequence[Task]
+) -> float:
     """Δm = (1/T) Σ_t (−1)^{l_t} (M_t − M_t^single) / M_t^single over the headline metric
     of each task in ``tasks`` (pass a subset for Δm over those), ``l_t = 1`` where lower
     is better. Returned as a FRACTION: 0.0632 is the paper's "+6.32%"."""

@@ -57,7 +57,9 @@ class DGRConfig:
 
     def __post_init__(self):
         if self.estimator not in DGR_ESTIMATORS:
-            raise ConfigError("DGRConfig", "estimator", f"must be one of {DGR_ESTIMATORS}, got {self.estimator!r}")
+            raise ConfigError(
+                "DGRConfig", "estimator", f"must be one of {DGR_ESTIMATORS}, got {self.estimator!r}"
+            )
         if not self.weight >= 0:
             raise ConfigError("DGRConfig", "weight", f"must be >= 0, got {self.weight}")
         if self.num_dummy < 1:
@@ -68,15 +70,25 @@ class DGRConfig:
 
 def _forward(net, params, batch_stats, images, rng):
     (features, outputs), updates = net.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs={"dropout": rng},
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
     )
     return features, outputs, updates["batch_stats"]
 
 
-def task_losses_and_penalty(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig, params: PyTree,
-                           batch_stats: PyTree, dummy_sets: PyTree, batch: Mapping[str, jax.Array],
-                           rng: jax.Array):
+def task_losses_and_penalty(
+    net: MultiTaskNet,
+    tasks: Sequence[Task],
+    dgr: DGRConfig,
+    params: PyTree,
+    batch_stats: PyTree,
+    dummy_sets: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+):
     """``(task_losses (T,), penalty, new_batch_stats)`` with the encoder run once.
 
     ``params``: ``{"encoder", "heads"}``. The penalty is the mean DGR penalty of the K
@@ -90,16 +102,28 @@ def task_losses_and_penalty(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
     penalty = jnp.zeros((), per_task.dtype)
     if dgr.on and dgr.estimator != "paper":
         penalty = heads_penalty(
-            heads_apply_fn(net.heads, images.shape[1:3]), dummy_sets, features,
-            {t.name: batch[t.name] for t in tasks}, losses,
-            estimator=dgr.estimator, squared=dgr.squared, fd_eps=dgr.fd_eps, unroll_sets=dgr.unrolled(),
+            heads_apply_fn(net.heads, images.shape[1:3]),
+            dummy_sets,
+            features,
+            {t.name: batch[t.name] for t in tasks},
+            losses,
+            estimator=dgr.estimator,
+            squared=dgr.squared,
+            fd_eps=dgr.fd_eps,
+            unroll_sets=dgr.unrolled(),
         )
     return per_task, penalty, new_batch_stats
 
 
-def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
-                            params: PyTree, batch_stats: PyTree, dummy_sets: PyTree,
-                            batch: Mapping[str, jax.Array]) -> PyTree:
+def paper_dgr_encoder_grads(
+    net: MultiTaskNet,
+    tasks: Sequence[Task],
+    dgr: DGRConfig,
+    params: PyTree,
+    batch_stats: PyTree,
+    dummy_sets: PyTree,
+    batch: Mapping[str, jax.Array],
+) -> PyTree:
     """The original code's DGR gradient for the encoder parameters.
 
     For dummy set d with loss L_d: ``g = grad_phi L_d``, ``G = grad_theta L_d(phi)``,
@@ -126,13 +150,18 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
         # encoder forwards: the original algorithm runs the whole model again.
         encoder_params = jax.lax.optimization_barrier(encoder_params)
         features, _ = net.encoder.apply(
-            {"params": encoder_params, "batch_stats": batch_stats["encoder"]}, images,
-            train=True, mutable=["batch_stats"])
+            {"params": encoder_params, "batch_stats": batch_stats["encoder"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
         outputs = apply_heads(dummy_params, features)
         return sum(losses[name](outputs[name], targets[name]) for name in losses)
 
     def one_set(dummy_params):
-        value, (g_theta, g_phi) = jax.value_and_grad(dummy_loss, argnums=(0, 1))(params["encoder"], dummy_params)
+        value, (g_theta, g_phi) = jax.value_and_grad(dummy_loss, argnums=(0, 1))(
+            params["encoder"], dummy_params
+        )
         norm = optax.tree.norm(g_phi)
         shifted = jax.tree_util.tree_map(lambda p, g: p + (eps / norm) * g, dummy_params, g_phi)
         value_plus, g_theta_plus = jax.value_and_grad(dummy_loss)(params["encoder"], shifted)
@@ -140,16 +169,23 @@ def paper_dgr_encoder_grads(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRCo
         return jax.tree_util.tree_map(lambda gp, g: scale * (gp - g), g_theta_plus, g_theta)
 
     # A Python loop, as the original. (Under lax.scan XLA:CPU ran this step ~10x slower.)
-    per_set = [one_set(jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets)) for k in range(dgr.num_dummy)]
+    per_set = [
+        one_set(jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets))
+        for k in range(dgr.num_dummy)
+    ]
     summed = jax.tree_util.tree_map(lambda *gs: sum(gs), *per_set)
     grads = jax.tree_util.tree_map(lambda g: g * (dgr.weight / dgr.num_dummy), summed)
     if isinstance(net.encoder, MTANEncoder):
-        grads = {name: (tree if name == "backbone" else jax.tree_util.tree_map(jnp.zeros_like, tree))
-                 for name, tree in grads.items()}
+        grads = {
+            name: (tree if name == "backbone" else jax.tree_util.tree_map(jnp.zeros_like, tree))
+            for name, tree in grads.items()
+        }
     return grads
 
 
-def repeat_running_stats_update(old: PyTree, updated: PyTree, repeats: int, momentum: float = MOMENTUM) -> PyTree:
+def repeat_running_stats_update(
+    old: PyTree, updated: PyTree, repeats: int, momentum: float = MOMENTUM
+) -> PyTree:
     """Running statistics after ``1 + repeats`` updates with the same batch statistics.
 
     ``updated = m * old + (1 - m) * b`` is one BatchNorm update. The original algorithm

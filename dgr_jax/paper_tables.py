@@ -104,21 +104,34 @@ def paper_rows(dataset: str, network: str | None = None) -> dict[str, dict[str, 
     utkface. A dataset the paper has no table for gives {}."""
     if dataset == "utkface":
         if network is not None:
-            raise ValueError(f"paper_rows('utkface'): Table 1 has one network; pass network=None, not {network!r}")
+            raise ValueError(
+                f"paper_rows('utkface'): Table 1 has one network; pass network=None, not {network!r}"
+            )
         return {method: _row(_UTKFACE_COLUMNS, printed) for method, printed in _UTKFACE.items()}
     if dataset in ("nyuv2", "cityscapes"):
         if network not in _SCENE_NETWORKS:
-            raise ValueError(f"paper_rows({dataset!r}): network must be one of {_SCENE_NETWORKS}, got {network!r}")
-        table, columns = (_NYUV2, _NYUV2_COLUMNS) if dataset == "nyuv2" else (_CITYSCAPES, _CITYSCAPES_COLUMNS)
+            raise ValueError(
+                f"paper_rows({dataset!r}): network must be one of {_SCENE_NETWORKS}, got {network!r}"
+            )
+        table, columns = (
+            (_NYUV2, _NYUV2_COLUMNS) if dataset == "nyuv2" else (_CITYSCAPES, _CITYSCAPES_COLUMNS)
+        )
         column = _SCENE_NETWORKS.index(network)
         return {method: _row(columns, printed[column]) for method, printed in table.items()}
     return {}
 
 
 _PAPER_NAMES = {
-    "equal": "Vanilla", "vanilla": "Vanilla", "dwa": "DWA", "uncertainty": "Uncertainty",
-    "autolambda": "Auto-λ", "autoλ": "Auto-λ", "pcgrad": "PCGrad", "cagrad": "CAGrad",
-    "imtl": "IMTL", "nashmtl": "Nash-MTL",
+    "equal": "Vanilla",
+    "vanilla": "Vanilla",
+    "dwa": "DWA",
+    "uncertainty": "Uncertainty",
+    "autolambda": "Auto-λ",
+    "autoλ": "Auto-λ",
+    "pcgrad": "PCGrad",
+    "cagrad": "CAGrad",
+    "imtl": "IMTL",
+    "nashmtl": "Nash-MTL",
 }
 
 

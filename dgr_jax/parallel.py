@@ -28,8 +28,11 @@ def multi_process_launch(environ: Mapping[str, str] | None = None) -> bool:
     ``jax.distributed.initialize()`` can join: a coordinator address (JAX's own
     variables), a SLURM job of several tasks, or a Cloud TPU slice of several hosts."""
     environ = os.environ if environ is None else environ
-    return bool(environ.get("JAX_COORDINATOR_ADDRESS")) or environ.get("SLURM_NTASKS", "1") != "1" \
+    return (
+        bool(environ.get("JAX_COORDINATOR_ADDRESS"))
+        or environ.get("SLURM_NTASKS", "1") != "1"
         or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+    )
 
 
 def initialize_distributed() -> bool:
@@ -63,8 +66,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     devices = mesh.shape[DATA_AXIS]
     if global_batch_size % devices:
-        raise ValueError(f"batch size {global_batch_size} is not divisible by the {devices} devices "
-                         f"of the '{DATA_AXIS}' mesh axis")
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the {devices} devices "
+            f"of the '{DATA_AXIS}' mesh axis"
+        )
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -78,8 +83,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     if jax.process_count() == 1 and any(size % devices for size in sizes):
         return replicate({key: np.asarray(value) for key, value in local_batch.items()}, mesh)
     sharding = batch_sharded(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in local_batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

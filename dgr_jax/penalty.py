@@ -179,11 +179,15 @@ def dgr_penalty(
     """
     if method is not None:
         if estimator not in ("exact", method):
-            raise ValueError(f"dgr_penalty: estimator={estimator!r} and method={method!r} disagree; "
-                             "pass estimator only")
+            raise ValueError(
+                f"dgr_penalty: estimator={estimator!r} and method={method!r} disagree; "
+                "pass estimator only"
+            )
         estimator = method
     if estimator not in _NORM_FNS:
-        raise ValueError(f"dgr_penalty: unknown estimator {estimator!r}; choose one of {PENALTY_ESTIMATORS}")
+        raise ValueError(
+            f"dgr_penalty: unknown estimator {estimator!r}; choose one of {PENALTY_ESTIMATORS}"
+        )
     if estimator == "finite_difference" and not fd_eps > 0:
         raise ValueError(f"dgr_penalty: fd_eps must be positive, got {fd_eps!r}")
 
@@ -194,8 +198,10 @@ def dgr_penalty(
         return single(dummy_params, *args)
     num_sets = _num_stacked_sets(dummy_params)
     if unroll_sets:
-        per_set = [single(jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], dummy_params), *args)
-                   for k in range(num_sets)]
+        per_set = [
+            single(jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], dummy_params), *args)
+            for k in range(num_sets)
+        ]
         return sum(per_set) / num_sets
     per_set = jax.vmap(single, in_axes=(0,) + (None,) * len(args))(dummy_params, *args)
     return jnp.mean(per_set)

@@ -30,11 +30,15 @@ class Task:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Task {self.name!r}: kind must be one of {tuple(KINDS)}, got {self.kind!r}")
+            raise ValueError(
+                f"Task {self.name!r}: kind must be one of {tuple(KINDS)}, got {self.kind!r}"
+            )
         losses = tuple(self.record.losses)
         if self.loss_name is not None and self.loss_name not in losses:
-            raise ValueError(f"Task {self.name!r}: loss_name must be one of {losses} for a "
-                             f"{self.kind} task, got {self.loss_name!r}")
+            raise ValueError(
+                f"Task {self.name!r}: loss_name must be one of {losses} for a "
+                f"{self.kind} task, got {self.loss_name!r}"
+            )
 
     @property
     def record(self) -> TaskKind:

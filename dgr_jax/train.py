@@ -46,17 +46,24 @@ class TrainState:
     rng: jax.Array
 
 
-def init_train_state(net: MultiTaskNet, optimizer: optax.GradientTransformation, key: jax.Array,
-                     sample_images: jax.Array, num_dummy: int, method: MTLMethod | None = None,
-                     num_tasks: int | None = None) -> TrainState:
+def init_train_state(
+    net: MultiTaskNet,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    sample_images: jax.Array,
+    num_dummy: int,
+    method: MTLMethod | None = None,
+    num_tasks: int | None = None,
+) -> TrainState:
     """Initialise model, K dummy sets (independent keys), method and optimizer state.
     Pure: ``jax.eval_shape`` of it is the state's structure (for restoring)."""
     method = method or methods.equal()
     key_model, key_dummy, key_rng = jax.random.split(key, 3)
     variables = net.init(key_model, sample_images, train=False)
     features, outputs = net.apply(variables, sample_images, train=False)
-    dummy_sets = init_dummy_sets(net.heads, key_dummy, num_dummy, features,
-                                 sample_images.shape[1:3], train=False)
+    dummy_sets = init_dummy_sets(
+        net.heads, key_dummy, num_dummy, features, sample_images.shape[1:3], train=False
+    )
     method_params, method_state = method.init(num_tasks or len(outputs))
     params = {**variables["params"], "method": method_params}
     return TrainState(
@@ -70,8 +77,13 @@ def init_train_state(net: MultiTaskNet, optimizer: optax.GradientTransformation,
     )
 
 
-def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
-                    optimizer: optax.GradientTransformation, method: MTLMethod | None = None):
+def make_train_step(
+    net: MultiTaskNet,
+    tasks: Sequence[Task],
+    dgr: DGRConfig,
+    optimizer: optax.GradientTransformation,
+    method: MTLMethod | None = None,
+):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated.
 
     Loss-weighting methods take one backward pass of ``total + lambda * P`` (the gradient
@@ -88,37 +100,55 @@ def make_train_step(net: MultiTaskNet, tasks: Sequence[Task], dgr: DGRConfig,
 
         def objective(model_params):
             per_task, penalty, batch_stats = task_losses_and_penalty(
-                net, tasks, dgr, model_params, state.batch_stats, state.dummy_sets, batch, dropout_rng)
+                net,
+                tasks,
+                dgr,
+                model_params,
+                state.batch_stats,
+                state.dummy_sets,
+                batch,
+                dropout_rng,
+            )
             return (per_task, dgr.weight * penalty), (penalty, batch_stats)
 
         params = state.params
         model_params = {"encoder": params["encoder"], "heads": params["heads"]}
         if not method.needs_task_grads:
+
             def total_loss(params):
                 (per_task, dgr_term), (penalty, batch_stats) = objective(
-                    {"encoder": params["encoder"], "heads": params["heads"]})
+                    {"encoder": params["encoder"], "heads": params["heads"]}
+                )
                 total, weights = method.loss(params["method"], per_task, state.method_state)
                 return total + dgr_term, (per_task, weights, penalty, batch_stats)
 
             (total, (per_task, weights, penalty, batch_stats)), grads = jax.value_and_grad(
-                total_loss, has_aux=True)(params)
+                total_loss, has_aux=True
+            )(params)
             method_state = state.method_state
         else:
             per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
-                objective, model_params, num_tasks)
+                objective, model_params, num_tasks
+            )
             (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
-                params["method"], per_task, state.method_state)
-            encoder, method_state = method.combine(task_grads["encoder"], per_task, weights, state.method_state)
+                params["method"], per_task, state.method_state
+            )
+            encoder, method_state = method.combine(
+                task_grads["encoder"], per_task, weights, state.method_state
+            )
             heads, _ = weighted_sum(task_grads["heads"], per_task, weights, state.method_state)
             grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
             grads["method"] = method_grads
             total = method_total + dgr_term
         if paper:
-            extra = paper_dgr_encoder_grads(net, tasks, dgr, model_params, state.batch_stats,
-                                            state.dummy_sets, batch)
+            extra = paper_dgr_encoder_grads(
+                net, tasks, dgr, model_params, state.batch_stats, state.dummy_sets, batch
+            )
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
             batch_stats = repeat_running_stats_update(state.batch_stats, batch_stats, dgr.num_dummy)
-        method_state = method.update(method_state, jax.lax.stop_gradient(per_task), batch["image"].shape[0])
+        method_state = method.update(
+            method_state, jax.lax.stop_gradient(per_task), batch["image"].shape[0]
+        )
         metrics = {f"loss/{t.name}": per_task[i] for i, t in enumerate(tasks)}
         metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
         metrics["loss/total"] = total
@@ -153,8 +183,10 @@ def make_eval_step(net: MultiTaskNet, tasks: Sequence[Task]):
     from dgr_jax import metrics as metric_lib
 
     def eval_step(state: TrainState, batch: Mapping[str, jax.Array], metric_state):
-        variables = {"params": {"encoder": state.params["encoder"], "heads": state.params["heads"]},
-                     "batch_stats": state.batch_stats}
+        variables = {
+            "params": {"encoder": state.params["encoder"], "heads": state.params["heads"]},
+            "batch_stats": state.batch_stats,
+        }
         _, outputs = net.apply(variables, batch["image"], train=False)
         return metric_lib.update_metric_state(tasks, metric_state, outputs, batch)
 

@@ -17,21 +17,48 @@ from dgr_jax.models import BACKBONES
 
 def add_common_flags(parser: argparse.ArgumentParser, repeats_of: str):
     """Flags both benchmarks take: input size, backbone and widths, repeats, eps, --json."""
-    parser.add_argument("--height", type=int, default=96, help="input height (default 96; NYUv2 is 288)")
-    parser.add_argument("--width", type=int, default=128, help="input width (default 128; NYUv2 is 384)")
-    parser.add_argument("--batch_size", type=int, default=2, help="batch size (default 2; the paper uses 4)")
-    parser.add_argument("--backbone", default="resnet50", choices=sorted(BACKBONES) + ["18", "34", "50", "101"],
-                        help="the trunk (default resnet50; a bare ResNet depth works too)")
-    parser.add_argument("--base_width", type=int, default=64, help="ResNet base width (64 = real; smaller for smoke tests)")
+    parser.add_argument(
+        "--height", type=int, default=96, help="input height (default 96; NYUv2 is 288)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=128, help="input width (default 128; NYUv2 is 384)"
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=2, help="batch size (default 2; the paper uses 4)"
+    )
+    parser.add_argument(
+        "--backbone",
+        default="resnet50",
+        choices=sorted(BACKBONES) + ["18", "34", "50", "101"],
+        help="the trunk (default resnet50; a bare ResNet depth works too)",
+    )
+    parser.add_argument(
+        "--base_width",
+        type=int,
+        default=64,
+        help="ResNet base width (64 = real; smaller for smoke tests)",
+    )
     parser.add_argument("--head_width", type=int, default=256, help="ASPP width (256 = real)")
-    parser.add_argument("--repeats", type=int, default=3, help=f"timed {repeats_of} after one warm-up (default 3)")
-    parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help=f"timed {repeats_of} after one warm-up (default 3)"
+    )
+    parser.add_argument(
+        "--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
 
 
 def check_common_flags(parser: argparse.ArgumentParser, args, extra_positive=()):
     """One-line parser errors for sizes < 1 and a non-positive finite-difference step."""
-    for name in ("height", "width", "batch_size", "repeats", "base_width", "head_width", *extra_positive):
+    for name in (
+        "height",
+        "width",
+        "batch_size",
+        "repeats",
+        "base_width",
+        "head_width",
+        *extra_positive,
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.fd_eps <= 0:
@@ -76,10 +103,14 @@ def peak_memory_mb() -> dict:
 
 
 def print_table(header: list[str], rows: list[list]):
-    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [header] + [
+        [f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for n, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -94,8 +125,10 @@ def write_json(path: str | None, payload: dict):
 def flat_rel_err_and_cosine(a, b) -> tuple[float, float]:
     a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(a)])
     b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(b)])
-    return (float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-            float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return (
+        float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+        float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+    )
 
 
 def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0) -> dict:

@@ -38,7 +38,9 @@ def _at_least(owner: str, record, low: int, *names: str) -> None:
 
 def _one_of(owner: str, name: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(owner, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(
+            owner, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +85,12 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError("TrainConfig", "lr", f"must be > 0, got {self.lr}")
         if not self.weight_decay >= 0:
-            raise ConfigError("TrainConfig", "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _at_least("TrainConfig", self, 1, "batch_size", "epochs", "steps", "eval_every", "num_devices")
+            raise ConfigError(
+                "TrainConfig", "weight_decay", f"must be >= 0, got {self.weight_decay}"
+            )
+        _at_least(
+            "TrainConfig", self, 1, "batch_size", "epochs", "steps", "eval_every", "num_devices"
+        )
         _at_least("TrainConfig", self, 0, "checkpoint_every")
 
 
@@ -135,7 +141,9 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     tasks: TaskConfig = TaskConfig()
-    reference: Mapping[str, float] | None = None  # single-task metrics for Δm; None: the data set's default
+    reference: Mapping[str, float] | None = (
+        None  # single-task metrics for Δm; None: the data set's default
+    )
 
     def __post_init__(self):
         _one_of("RunConfig", "dataset", self.dataset, tuple(datasets.DATASETS))
@@ -145,17 +153,25 @@ class RunConfig:
             available = [t.name for t in spec.tasks]
             unknown = [t for t in self.tasks.names if t not in available]
             if unknown:
-                raise ConfigError("TaskConfig", "names", f"{', '.join(unknown)} is not a task of {self.dataset}; "
-                                  f"choose from {', '.join(available)}")
+                raise ConfigError(
+                    "TaskConfig",
+                    "names",
+                    f"{', '.join(unknown)} is not a task of {self.dataset}; "
+                    f"choose from {', '.join(available)}",
+                )
 
     @property
     def spec(self) -> datasets.DatasetSpec:
         return datasets.DATASETS[self.dataset]
 
     def task_records(self) -> tuple[Task, ...]:
-        chosen = [t for t in self.spec.tasks if self.tasks.names is None or t.name in self.tasks.names]
-        return tuple(dataclasses.replace(t, loss_name=self.tasks.normal_loss) if t.kind == "normal" else t
-                     for t in chosen)
+        chosen = [
+            t for t in self.spec.tasks if self.tasks.names is None or t.name in self.tasks.names
+        ]
+        return tuple(
+            dataclasses.replace(t, loss_name=self.tasks.normal_loss) if t.kind == "normal" else t
+            for t in chosen
+        )
 
     def replace(self, **changes) -> "RunConfig":
         """``replace(train={"steps": 2})``: a dict changes fields of that record; any other
@@ -163,8 +179,11 @@ class RunConfig:
         updated = {}
         for name, value in changes.items():
             current = getattr(self, name)
-            updated[name] = dataclasses.replace(current, **value) if isinstance(value, dict) and \
-                dataclasses.is_dataclass(current) else value
+            updated[name] = (
+                dataclasses.replace(current, **value)
+                if isinstance(value, dict) and dataclasses.is_dataclass(current)
+                else value
+            )
         return dataclasses.replace(self, **updated)
 
     def as_dict(self) -> dict:
@@ -184,27 +203,65 @@ def _jsonable(value):
 # them; errors and resume checks name fields by their flags).
 FIELD_FLAGS = {
     "dataset": None,
-    "model.network": "--network", "model.backbone": "--backbone", "model.base_width": "--base_width",
-    "model.stage_sizes": "--stage_sizes", "model.head_width": "--head_width", "model.dropout_rate": "--head_dropout",
-    "model.bn_unbiased_running_var": "--bn_running_var", "model.dilated": None, "model.aspp_rates": None,
+    "model.network": "--network",
+    "model.backbone": "--backbone",
+    "model.base_width": "--base_width",
+    "model.stage_sizes": "--stage_sizes",
+    "model.head_width": "--head_width",
+    "model.dropout_rate": "--head_dropout",
+    "model.bn_unbiased_running_var": "--bn_running_var",
+    "model.dilated": None,
+    "model.aspp_rates": None,
     "model.classifier_hidden": None,
-    "dgr.weight": "--dgr_weight", "dgr.num_dummy": "--num_dummy", "dgr.estimator": "--dgr_method",
-    "dgr.squared": "--squared_norm", "dgr.fd_eps": "--fd_eps", "dgr.unroll_sets": None,
-    "method.name": "--weighting", "method.args": "--method_args",
-    "train.optimizer": "--optimizer", "train.lr": "--lr", "train.weight_decay": "--weight_decay",
-    "train.lr_schedule": "--lr_schedule", "train.batch_size": "--batch_size", "train.epochs": "--epochs",
-    "train.steps": "--steps", "train.seed": "--seed", "train.eval_every": "--eval_every",
-    "train.checkpoint_every": "--checkpoint_every", "train.num_devices": "--num_devices",
-    "data.data_dir": "--data_dir", "data.synthetic": "--synthetic", "data.synthetic_size": "--synthetic_size",
-    "data.synthetic_counts": "--synthetic_counts", "data.resize_rule": "--resize_rule", "data.drop_last": "--drop_last",
-    "tasks.names": "--tasks", "tasks.normal_loss": "--normal_loss", "reference": "--reference",
+    "dgr.weight": "--dgr_weight",
+    "dgr.num_dummy": "--num_dummy",
+    "dgr.estimator": "--dgr_method",
+    "dgr.squared": "--squared_norm",
+    "dgr.fd_eps": "--fd_eps",
+    "dgr.unroll_sets": None,
+    "method.name": "--weighting",
+    "method.args": "--method_args",
+    "train.optimizer": "--optimizer",
+    "train.lr": "--lr",
+    "train.weight_decay": "--weight_decay",
+    "train.lr_schedule": "--lr_schedule",
+    "train.batch_size": "--batch_size",
+    "train.epochs": "--epochs",
+    "train.steps": "--steps",
+    "train.seed": "--seed",
+    "train.eval_every": "--eval_every",
+    "train.checkpoint_every": "--checkpoint_every",
+    "train.num_devices": "--num_devices",
+    "data.data_dir": "--data_dir",
+    "data.synthetic": "--synthetic",
+    "data.synthetic_size": "--synthetic_size",
+    "data.synthetic_counts": "--synthetic_counts",
+    "data.resize_rule": "--resize_rule",
+    "data.drop_last": "--drop_last",
+    "tasks.names": "--tasks",
+    "tasks.normal_loss": "--normal_loss",
+    "reference": "--reference",
 }
-OWNERS = {"ModelConfig": "model", "DGRConfig": "dgr", "MethodConfig": "method", "TrainConfig": "train",
-          "DataConfig": "data", "TaskConfig": "tasks", "RunConfig": None}
+OWNERS = {
+    "ModelConfig": "model",
+    "DGRConfig": "dgr",
+    "MethodConfig": "method",
+    "TrainConfig": "train",
+    "DataConfig": "data",
+    "TaskConfig": "tasks",
+    "RunConfig": None,
+}
 
 # Fields a resumed run may change: they do not alter the trained state or the data order.
-RESUMABLE_CHANGES = ("train.epochs", "train.steps", "train.checkpoint_every", "train.eval_every",
-                     "train.num_devices", "data.data_dir", "reference")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.steps",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.num_devices",
+    "data.data_dir",
+    "reference",
+)
 
 
 def field_path(error: ConfigError) -> str:

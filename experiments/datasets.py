@@ -35,7 +35,9 @@ class DatasetSpec:
     networks: tuple[str, ...]  # ModelConfig.network values; the first is the default
     recipe: Mapping[str, Any]  # the paper's TrainConfig fields
     data_help: str  # what --data_dir holds
-    open_source: Callable[[Any, bool], tuple[Any, str]]  # (config, verbose) -> (source, description)
+    open_source: Callable[
+        [Any, bool], tuple[Any, str]
+    ]  # (config, verbose) -> (source, description)
     eval_split: str = "val"
     needs_data_dir: bool = True
     has_synthetic: bool = True
@@ -47,15 +49,20 @@ class DatasetSpec:
 
     def paper_rows(self, network: str) -> dict:
         """The paper's table rows for this data set and network ({} when it has none)."""
-        return paper_tables.paper_rows(self.name, None if self.name == "utkface" else network) \
-            if self.paper_reference else {}
+        return (
+            paper_tables.paper_rows(self.name, None if self.name == "utkface" else network)
+            if self.paper_reference
+            else {}
+        )
 
     def open(self, config, *, verbose: bool = True) -> Data:
         """The data of ``config`` (folder checked and prepared once, or built-in data)."""
         process_index, process_count = jax.process_index(), jax.process_count()
         batch = config.train.batch_size
         if batch % process_count:
-            raise ValueError(f"--batch_size {batch} is not divisible by the {process_count} processes")
+            raise ValueError(
+                f"--batch_size {batch} is not divisible by the {process_count} processes"
+            )
         local = batch // process_count
         shard = dict(process_index=process_index, process_count=process_count)
         # A short last batch is kept, as the original's data loader keeps it; several
@@ -65,8 +72,15 @@ class DatasetSpec:
         source, description = self.open_source(config, verbose)
 
         def train_epoch(epoch, start_step):
-            return source.dataset("train", local, seed=config.train.seed, epoch=epoch, start_step=start_step,
-                                  drop_remainder=drop_last, **shard)
+            return source.dataset(
+                "train",
+                local,
+                seed=config.train.seed,
+                epoch=epoch,
+                start_step=start_step,
+                drop_remainder=drop_last,
+                **shard,
+            )
 
         def evaluation():
             return source.dataset(self.eval_split, local, **shard)
@@ -95,13 +109,20 @@ def _scene_source(name: str):
         module = nyuv2 if name == "nyuv2" else cityscapes
         if config.data.synthetic:
             height, width = config.data.synthetic_size
-            root = synthetic.synthetic_root(name, num_train=config.data.synthetic_counts[0],
-                                            num_val=config.data.synthetic_counts[1], height=height, width=width,
-                                            seed=0)
+            root = synthetic.synthetic_root(
+                name,
+                num_train=config.data.synthetic_counts[0],
+                num_val=config.data.synthetic_counts[1],
+                height=height,
+                width=width,
+                seed=0,
+            )
             description = f"built-in procedural scenes in the {name} format ({root})"
         else:
             root, description = Path(config.data.data_dir), f"{name} from {config.data.data_dir}"
-        augmentation = dataclasses.replace(module.FORMAT.augmentation, resize_rule=config.data.resize_rule)
+        augmentation = dataclasses.replace(
+            module.FORMAT.augmentation, resize_rule=config.data.resize_rule
+        )
         return module.open_source(root, verbose=verbose, augmentation=augmentation), description
 
     return open_source
@@ -143,22 +164,55 @@ def _multidigits_source(config, verbose):
 
 SCENE_RECIPE = dict(optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=4, epochs=200)
 
-register(DatasetSpec(
-    "nyuv2", task_lib.NYUV2, (288, 384), ("split", "mtan"), SCENE_RECIPE,
-    "the NYUv2 .npy folders: DIR/{train,val}/{image,label,depth,normal}/{i}.npy (see data_pipelines/nyuv2.py)",
-    _scene_source("nyuv2"), paper_reference=paper_tables.PAPER_SINGLE_TASK["nyuv2"]))
-register(DatasetSpec(
-    "cityscapes", task_lib.CITYSCAPES, (256, 512), ("split", "mtan"), SCENE_RECIPE,
-    "the Cityscapes .npy folders: DIR/{train,val}/{image,label_19,part_seg,depth}/{i}.npy "
-    "(see data_pipelines/cityscapes.py)",
-    _scene_source("cityscapes"), paper_reference=paper_tables.PAPER_SINGLE_TASK["cityscapes"]))
-register(DatasetSpec(
-    "utkface", task_lib.UTKFACE, (64, 64), ("classifier",),
-    dict(optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64, epochs=100),
-    "a folder of UTKFace age_gender_race_date*.jpg files", _utkface_source, eval_split="test",
-    paper_reference=paper_tables.PAPER_SINGLE_TASK["utkface"]))
-register(DatasetSpec(
-    "multidigits", task_lib.MULTIDIGITS, (12, 24), ("classifier",),
-    dict(optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64, epochs=20),
-    "nothing: MultiDigits is built from scikit-learn's bundled digits", _multidigits_source, eval_split="test",
-    needs_data_dir=False, has_synthetic=False))
+register(
+    DatasetSpec(
+        "nyuv2",
+        task_lib.NYUV2,
+        (288, 384),
+        ("split", "mtan"),
+        SCENE_RECIPE,
+        "the NYUv2 .npy folders: DIR/{train,val}/{image,label,depth,normal}/{i}.npy (see data_pipelines/nyuv2.py)",
+        _scene_source("nyuv2"),
+        paper_reference=paper_tables.PAPER_SINGLE_TASK["nyuv2"],
+    )
+)
+register(
+    DatasetSpec(
+        "cityscapes",
+        task_lib.CITYSCAPES,
+        (256, 512),
+        ("split", "mtan"),
+        SCENE_RECIPE,
+        "the Cityscapes .npy folders: DIR/{train,val}/{image,label_19,part_seg,depth}/{i}.npy "
+        "(see data_pipelines/cityscapes.py)",
+        _scene_source("cityscapes"),
+        paper_reference=paper_tables.PAPER_SINGLE_TASK["cityscapes"],
+    )
+)
+register(
+    DatasetSpec(
+        "utkface",
+        task_lib.UTKFACE,
+        (64, 64),
+        ("classifier",),
+        dict(optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64, epochs=100),
+        "a folder of UTKFace age_gender_race_date*.jpg files",
+        _utkface_source,
+        eval_split="test",
+        paper_reference=paper_tables.PAPER_SINGLE_TASK["utkface"],
+    )
+)
+register(
+    DatasetSpec(
+        "multidigits",
+        task_lib.MULTIDIGITS,
+        (12, 24),
+        ("classifier",),
+        dict(optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=64, epochs=20),
+        "nothing: MultiDigits is built from scikit-learn's bundled digits",
+        _multidigits_source,
+        eval_split="test",
+        needs_data_dir=False,
+        has_synthetic=False,
+    )
+)

@@ -22,7 +22,9 @@ def dry_run(config) -> dict:
         variables = net.init(key, images, train=False)
         features, outputs = net.apply(variables, images, train=False)
         keys = jax.random.split(key, num_dummy)
-        dummy = jax.vmap(lambda k: net.heads.init(k, features, spec.image_size, train=False)["params"])(keys)
+        dummy = jax.vmap(
+            lambda k: net.heads.init(k, features, spec.image_size, train=False)["params"]
+        )(keys)
         return variables, features, outputs, dummy
 
     variables, features, outputs, dummy = jax.eval_shape(init, jax.random.PRNGKey(0), images)
@@ -38,18 +40,31 @@ def dry_run(config) -> dict:
         return jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
 
     model = config.model
-    print(f"{spec.name}: {model.network} network, {model.backbone}"
-          f"{' (dilated, output stride 8)' if model.dilated and model.network != 'classifier' else ''}, "
-          f"input {tuple(images.shape)}")
+    print(
+        f"{spec.name}: {model.network} network, {model.backbone}"
+        f"{' (dilated, output stride 8)' if model.dilated and model.network != 'classifier' else ''}, "
+        f"input {tuple(images.shape)}"
+    )
     print(f"  encoder           {counts['encoder_params']:>12,} params")
     for group, size in _encoder_groups(params["encoder"], tasks).items():
         print(f"    {group:<28} {size:>12,}")
     for task in tasks:
-        size = count_params({k: v for k, v in params["heads"].items()
-                             if k == task.name or k.startswith(f"{task.name}_fc")})
-        print(f"  head {task.name:<12} {size:>12,} params  -> output {shape_of(outputs)[task.name]}")
-    print(f"  dummy sets        {counts['dummy_params']:>12,} params  ({num_dummy} stacked copies of the heads)")
-    print(f"  running stats     {count_params(variables.get('batch_stats', {})):>12,} (not parameters)")
+        size = count_params(
+            {
+                k: v
+                for k, v in params["heads"].items()
+                if k == task.name or k.startswith(f"{task.name}_fc")
+            }
+        )
+        print(
+            f"  head {task.name:<12} {size:>12,} params  -> output {shape_of(outputs)[task.name]}"
+        )
+    print(
+        f"  dummy sets        {counts['dummy_params']:>12,} params  ({num_dummy} stacked copies of the heads)"
+    )
+    print(
+        f"  running stats     {count_params(variables.get('batch_stats', {})):>12,} (not parameters)"
+    )
     print(f"  features read by heads and dummy sets: {shape_of(features)}")
     print(json.dumps(counts))
     return counts

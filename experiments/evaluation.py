@@ -31,7 +31,10 @@ class Evaluator:
             batch = {k: v for k, v in batch.items() if k in self._names}
             stats = self._step(local_state, parallel.replicate(batch, self.mesh), stats)
         stats = parallel.sum_over_processes(stats)
-        results = metric_lib.compute_metrics(self.tasks, stats), metric_lib.compute_paper_metrics(self.tasks, stats)
+        results = (
+            metric_lib.compute_metrics(self.tasks, stats),
+            metric_lib.compute_paper_metrics(self.tasks, stats),
+        )
         if self.reference:
             for values in results:
                 values["delta_m"] = metric_lib.delta_m(values, self.reference, self.tasks)

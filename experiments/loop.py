@@ -34,8 +34,16 @@ from experiments import reporting
 from experiments.config import RESUMABLE_CHANGES, RunConfig, TrainConfig, describe_field, flatten
 from experiments.evaluation import Evaluator
 
-RUN_FILES = ("checkpoints", "best", "train.jsonl", "eval.jsonl", "tensorboard", "summary.json", "results.md",
-             "curves.png")
+RUN_FILES = (
+    "checkpoints",
+    "best",
+    "train.jsonl",
+    "eval.jsonl",
+    "tensorboard",
+    "summary.json",
+    "results.md",
+    "curves.png",
+)
 
 
 class RunError(RuntimeError):
@@ -54,7 +62,9 @@ class Stopped(RuntimeError):
 # The optimiser
 
 
-def learning_rate_schedule(train: TrainConfig, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    train: TrainConfig, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
     """Cosine from ``lr`` to 0. ``lr_schedule="epoch"`` (the original's
     ``CosineAnnealingLR(T_max=epochs)``, stepped once per epoch): epoch e trains at
     ``lr (1 + cos(pi e / E)) / 2`` for all its steps; ``"step"``: the same curve per step."""
@@ -65,8 +75,9 @@ def learning_rate_schedule(train: TrainConfig, steps_per_epoch: int, total_steps
     return lambda count: per_epoch(count // steps_per_epoch)
 
 
-def make_optimizer(train: TrainConfig, total_steps: int, steps_per_epoch: int,
-                   method: MTLMethod | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    train: TrainConfig, total_steps: int, steps_per_epoch: int, method: MTLMethod | None = None
+) -> optax.GradientTransformation:
     """The paper's recipes: SGD (momentum 0.9, weight decay, cosine schedule) for scenes,
     Adam for UTKFace. Weight decay applies to the trained parameters, and to the method's
     parameters where ``method.decay_params`` (uncertainty's log-variances, as the original
@@ -74,7 +85,10 @@ def make_optimizer(train: TrainConfig, total_steps: int, steps_per_epoch: int,
     decay_method = method is not None and method.decay_params
 
     def decayed(params):
-        return {k: jax.tree_util.tree_map(lambda _, k=k: k != "method" or decay_method, v) for k, v in params.items()}
+        return {
+            k: jax.tree_util.tree_map(lambda _, k=k: k != "method" or decay_method, v)
+            for k, v in params.items()
+        }
 
     decay = optax.add_decayed_weights(train.weight_decay, mask=decayed)
     if train.optimizer == "sgd":
@@ -102,12 +116,16 @@ def prepare_workdir(workdir: str | Path, *, resume: bool, overwrite: bool, log) 
         parent = next((p for p in workdir.parents if p.exists() and not p.is_dir()), None)
         raise RunError(f"--workdir {workdir}: cannot create it, {parent} is a file") from None
     except OSError as error:
-        raise RunError(f"--workdir {workdir}: not writable ({error.strerror or type(error).__name__})") from None
+        raise RunError(
+            f"--workdir {workdir}: not writable ({error.strerror or type(error).__name__})"
+        ) from None
     existing = [name for name in RUN_FILES if (workdir / name).exists()]
     if existing and not resume:
         if not overwrite:
-            raise RunError(f"--workdir {workdir} holds a run ({', '.join(existing)}); pass --resume to continue "
-                           "it, --overwrite to start afresh, or another --workdir")
+            raise RunError(
+                f"--workdir {workdir} holds a run ({', '.join(existing)}); pass --resume to continue "
+                "it, --overwrite to start afresh, or another --workdir"
+            )
         for name in existing:
             path = workdir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -120,7 +138,9 @@ def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
     that change the trained state or the data order), before any array is read."""
     steps = checkpoints.steps()
     if not steps:
-        raise RunError(f"--resume: no checkpoint in {checkpoints.directory}; drop --resume to start a new run")
+        raise RunError(
+            f"--resume: no checkpoint in {checkpoints.directory}; drop --resume to start a new run"
+        )
     saved = None
     for step in reversed(steps):
         with contextlib.suppress(Exception):  # a damaged checkpoint: the restore below reports it
@@ -129,14 +149,20 @@ def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
     if saved is None:
         return
     now, then = flatten(config.as_dict()), flatten(saved)
-    differ = [key for key in sorted(set(now) | set(then))
-              if key not in RESUMABLE_CHANGES and now.get(key) != then.get(key)]
+    differ = [
+        key
+        for key in sorted(set(now) | set(then))
+        if key not in RESUMABLE_CHANGES and now.get(key) != then.get(key)
+    ]
     if differ:
+
         def show(values):
             return ", ".join(f"{describe_field(k)} {values.get(k)!r}" for k in differ)
 
-        raise RunError(f"--resume: the checkpoint in {checkpoints.directory} was trained with {show(then)}; "
-                       f"this run has {show(now)}")
+        raise RunError(
+            f"--resume: the checkpoint in {checkpoints.directory} was trained with {show(then)}; "
+            f"this run has {show(now)}"
+        )
 
 
 def drop_rows_after(path: Path, step: int) -> None:
@@ -144,7 +170,11 @@ def drop_rows_after(path: Path, step: int) -> None:
     import json
 
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         path.write_text("".join(row + "\n" for row in rows))
 
 
@@ -195,9 +225,15 @@ class StepLog:
         if bad:
             self.checkpoints.wait()  # the saves in flight are of finite states: let them finish
             saved = self.checkpoints.steps()
-            kept = f"the last good checkpoint is step {saved[-1]}" if saved else "no checkpoint was saved"
-            raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; stopping (lower --lr or "
-                                     f"--dgr_weight); {kept}")
+            kept = (
+                f"the last good checkpoint is step {saved[-1]}"
+                if saved
+                else "no checkpoint was saved"
+            )
+            raise FloatingPointError(
+                f"step {step}: non-finite {', '.join(bad)}; stopping (lower --lr or "
+                f"--dgr_weight); {kept}"
+            )
         self.writers.scalars(step, values, "train")
 
 
@@ -205,9 +241,16 @@ class StepLog:
 # The run
 
 
-def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                       stop_after: int | None = None, log: Callable[[str], None] = print,
-                       progress: bool = True) -> dict:
+def train_and_evaluate(
+    config: RunConfig,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
     """Train, evaluate every ``eval_every`` epochs, checkpoint, report; returns the summary.
 
     ``stop_after``: end the run early after this many steps in total (to simulate an
@@ -229,7 +272,9 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     sample = jnp.asarray(next(iter(data.train_epoch(0, 0)))["image"][:1])
 
     def init(key):
-        return init_train_state(net, optimizer, key, sample, config.dgr.num_dummy, method, len(tasks))
+        return init_train_state(
+            net, optimizer, key, sample, config.dgr.num_dummy, method, len(tasks)
+        )
 
     key = jax.random.PRNGKey(train.seed)
     reference = config.reference if config.reference is not None else config.spec.paper_reference
@@ -239,8 +284,11 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
         if resume:
             check_resumable(checkpoints, config)
             abstract = jax.tree_util.tree_map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)),
-                jax.eval_shape(init, key))
+                lambda s: jax.ShapeDtypeStruct(
+                    s.shape, s.dtype, sharding=parallel.replicated(mesh)
+                ),
+                jax.eval_shape(init, key),
+            )
             try:
                 state, position, _ = checkpoints.restore_newest(abstract, log)
             except CheckpointError as error:
@@ -249,25 +297,51 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
             if main_process:
                 for kind in ("train", "eval"):
                     drop_rows_after(workdir / f"{kind}.jsonl", step)
-            log(f"resumed from step {step} (epoch {position['epoch']}, step {position['step_in_epoch']} in it)")
+            log(
+                f"resumed from step {step} (epoch {position['epoch']}, step {position['step_in_epoch']} in it)"
+            )
         else:
             state = jax.jit(init, out_shardings=parallel.replicated(mesh))(key)
             position = {"epoch": 0, "step_in_epoch": 0}
         if config.reference is None and reference and config.data.synthetic:
-            log("note: Δm is against the paper's single-task results on the real data set; on built-in data "
-                "pass --reference with your own single-task runs' summary.json for a meaningful Δm")
-        train_step = parallel.jit_train_step(make_train_step(net, tasks, config.dgr, optimizer, method), mesh)
-        finish_epoch = jax.jit(lambda s: end_epoch(method, s), out_shardings=parallel.replicated(mesh))
+            log(
+                "note: Δm is against the paper's single-task results on the real data set; on built-in data "
+                "pass --reference with your own single-task runs' summary.json for a meaningful Δm"
+            )
+        train_step = parallel.jit_train_step(
+            make_train_step(net, tasks, config.dgr, optimizer, method), mesh
+        )
+        finish_epoch = jax.jit(
+            lambda s: end_epoch(method, s), out_shardings=parallel.replicated(mesh)
+        )
         evaluate = Evaluator(net, tasks, reference)
         dgr = config.dgr
-        log(f"{config.dataset}: {config.model.network} {config.model.backbone}, tasks "
+        log(
+            f"{config.dataset}: {config.model.network} {config.model.backbone}, tasks "
             f"{', '.join(t.name for t in tasks)}, weighting {config.method.name}, "
             f"DGR {f'λ={dgr.weight} ({dgr.estimator}, K={dgr.num_dummy})' if dgr.on else 'off'}; "
-            f"{data.description}; {steps_per_epoch} steps/epoch, {total_steps} steps on {mesh.shape['data']} device(s)")
+            f"{data.description}; {steps_per_epoch} steps/epoch, {total_steps} steps on {mesh.shape['data']} device(s)"
+        )
         with SignalGuard() as signals:
-            summary = _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoch,
-                           train_step, finish_epoch, evaluate, checkpoints, writers, signals, stop_after,
-                           progress and main_process, log)
+            summary = _run(
+                config,
+                tasks,
+                data,
+                mesh,
+                state,
+                position,
+                total_steps,
+                steps_per_epoch,
+                train_step,
+                finish_epoch,
+                evaluate,
+                checkpoints,
+                writers,
+                signals,
+                stop_after,
+                progress and main_process,
+                log,
+            )
     finally:
         checkpoints.close()  # waits for the saves in flight: the newest checkpoint is whole
         writers.close()
@@ -276,8 +350,25 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path, *, resume: bool =
     return summary
 
 
-def _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoch, train_step, finish_epoch,
-         evaluate, checkpoints, writers, signals, stop_after, progress, log) -> dict:
+def _run(
+    config,
+    tasks,
+    data,
+    mesh,
+    state,
+    position,
+    total_steps,
+    steps_per_epoch,
+    train_step,
+    finish_epoch,
+    evaluate,
+    checkpoints,
+    writers,
+    signals,
+    stop_after,
+    progress,
+    log,
+) -> dict:
     """The loop: steps, epoch ends (method update, checkpoint, evaluation), signals."""
     step = int(state.step)
     epoch, start = position["epoch"], position["step_in_epoch"]
@@ -288,12 +379,16 @@ def _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoc
 
     def save(at_epoch, at_step):
         steps_log.flush()  # never save a state whose step was not finite
-        checkpoints.save(step, state, {"epoch": at_epoch, "step_in_epoch": at_step, "config": config_json})
+        checkpoints.save(
+            step, state, {"epoch": at_epoch, "step_in_epoch": at_step, "config": config_json}
+        )
 
     try:
         while step < total_steps:
             for batch in data.train_epoch(epoch, start):
-                batch = {k: v for k, v in batch.items() if k == "image" or k in {t.name for t in tasks}}
+                batch = {
+                    k: v for k, v in batch.items() if k == "image" or k in {t.name for t in tasks}
+                }
                 state, metrics = train_step(state, parallel.global_batch(batch, mesh))
                 step, start = step + 1, start + 1
                 steps_log.push(step, metrics)
@@ -302,8 +397,10 @@ def _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoc
                     save(epoch, start)
                     checkpoints.wait()
                     name = SignalGuard.SIGNALS[signals.received]
-                    raise Stopped(f"stopped by {name} at step {step}; checkpoint saved; rerun with --resume",
-                                  128 + int(signals.received))
+                    raise Stopped(
+                        f"stopped by {name} at step {step}; checkpoint saved; rerun with --resume",
+                        128 + int(signals.received),
+                    )
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
                     save(epoch, start)
                 if step >= total_steps or (stop_after is not None and step >= stop_after):
@@ -318,11 +415,15 @@ def _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoc
                 last = evaluate(state, data.evaluation())
                 metrics, paper = last
                 if math.isfinite(metrics.get("delta_m", math.nan)):
-                    checkpoints.save_best(step, state, {"epoch": epoch, "step_in_epoch": 0}, metrics)
+                    checkpoints.save_best(
+                        step, state, {"epoch": epoch, "step_in_epoch": 0}, metrics
+                    )
                 row = {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}
                 writers.scalars(step, row, "eval")
                 history.append({"step": step, **row})
-                bar.write(f"epoch {epoch} step {step}: " + reporting.format_metrics(metrics, paper, tasks))
+                bar.write(
+                    f"epoch {epoch} step {step}: " + reporting.format_metrics(metrics, paper, tasks)
+                )
             if stop_after is not None and step >= stop_after and step < total_steps:
                 log(f"stopped after step {step}; resume with --resume")
                 return {"stopped_at": step}
@@ -331,9 +432,18 @@ def _run(config, tasks, data, mesh, state, position, total_steps, steps_per_epoc
     if last is None:
         last = evaluate(state, data.evaluation())
         metrics, paper = last
-        writers.scalars(step, {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}, "eval")
+        writers.scalars(
+            step, {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}, "eval"
+        )
     metrics, paper = last
-    return {"config": config_json, "steps": step, "metrics": metrics, "metrics_paper": paper,
-            "conventions": reporting.METRIC_CONVENTIONS,
-            "reference": config.reference if config.reference is not None else config.spec.paper_reference,
-            "history": history}
+    return {
+        "config": config_json,
+        "steps": step,
+        "metrics": metrics,
+        "metrics_paper": paper,
+        "conventions": reporting.METRIC_CONVENTIONS,
+        "reference": config.reference
+        if config.reference is not None
+        else config.spec.paper_reference,
+        "history": history,
+    }

@@ -75,14 +75,34 @@ def parse_args(argv):
         description="Demonstrate dgr_penalty: exact vs reference vs finite difference, "
         "and its effect on training, on a built-in synthetic two-task problem.",
     )
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
-    parser.add_argument("--batch_size", type=int, default=128, help="examples per step (default 128)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="training steps per run (default 300)"
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=128, help="examples per step (default 128)"
+    )
     parser.add_argument("--width", type=int, default=64, help="encoder width (default 64)")
-    parser.add_argument("--num_dummy", type=int, default=3, help="K, the number of dummy head sets (default 3)")
-    parser.add_argument("--dgr_weight", type=float, default=0.3, help="lambda, the penalty weight of the DGR run (default 0.3)")
-    parser.add_argument("--dgr_method", choices=PENALTY_ESTIMATORS, default="exact", help="penalty gradient used for training (default exact)")
-    parser.add_argument("--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)")
-    parser.add_argument("--squared_norm", action="store_true", help="penalise ||g||^2 instead of ||g||")
+    parser.add_argument(
+        "--num_dummy", type=int, default=3, help="K, the number of dummy head sets (default 3)"
+    )
+    parser.add_argument(
+        "--dgr_weight",
+        type=float,
+        default=0.3,
+        help="lambda, the penalty weight of the DGR run (default 0.3)",
+    )
+    parser.add_argument(
+        "--dgr_method",
+        choices=PENALTY_ESTIMATORS,
+        default="exact",
+        help="penalty gradient used for training (default exact)",
+    )
+    parser.add_argument(
+        "--fd_eps", type=float, default=1e-3, help="finite-difference step (default 1e-3)"
+    )
+    parser.add_argument(
+        "--squared_norm", action="store_true", help="penalise ||g||^2 instead of ||g||"
+    )
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
@@ -120,20 +140,31 @@ def main(argv=None):
 
     def penalty(z, batch_targets, method):
         return heads_penalty(
-            apply_heads, dummy_sets, z, batch_targets, TASK_LOSSES,
-            estimator=method, squared=args.squared_norm, fd_eps=args.fd_eps,
+            apply_heads,
+            dummy_sets,
+            z,
+            batch_targets,
+            TASK_LOSSES,
+            estimator=method,
+            squared=args.squared_norm,
+            fd_eps=args.fd_eps,
         )
 
     # 1. The three methods on one batch.
     batch_x = x[: args.batch_size]
     batch_t = jax.tree_util.tree_map(lambda a: a[: args.batch_size], targets)
-    print(f"dgr_penalty on one batch: {args.batch_size} examples, width {args.width}, "
-          f"K={args.num_dummy} dummy sets, squared={args.squared_norm}")
+    print(
+        f"dgr_penalty on one batch: {args.batch_size} examples, width {args.width}, "
+        f"K={args.num_dummy} dummy sets, squared={args.squared_norm}"
+    )
     print(f"{'method':<18} {'value':>10} {'ms/grad':>9} {'rel err vs double_backprop':>27}")
     grads = {}
     for method in ("double_backprop", "exact", "finite_difference"):
-        fn = jax.jit(jax.value_and_grad(
-            lambda p, m=method: penalty(encoder.apply({"params": p}, batch_x), batch_t, m)))
+        fn = jax.jit(
+            jax.value_and_grad(
+                lambda p, m=method: penalty(encoder.apply({"params": p}, batch_x), batch_t, m)
+            )
+        )
         value, grads[method] = fn(encoder_params)
         seconds = median_seconds(fn, encoder_params)
         reference, _ = ravel_pytree(grads["double_backprop"])
@@ -172,14 +203,17 @@ def main(argv=None):
         for i in range(args.steps):
             sl = slice(i * args.batch_size, (i + 1) * args.batch_size)
             trainable, opt_state, task, dummy_norm = step(
-                trainable, opt_state, x[sl], jax.tree_util.tree_map(lambda a, sl=sl: a[sl], targets))
+                trainable, opt_state, x[sl], jax.tree_util.tree_map(lambda a, sl=sl: a[sl], targets)
+            )
             window.append((task["digit"], task["value"], dummy_norm))
             window = window[-20:]
         means = [float(jnp.mean(jnp.stack(col))) for col in zip(*window)]
         if not all(map(lambda v: v == v, means)):
             sys.exit(f"penalty_demo: run {name!r} diverged (NaN loss); try a smaller --lr")
-        print(f"{name:<14} {means[0]:>9.4f} {means[1]:>10.4f} {means[2]:>16.4f} "
-              f"{time.perf_counter() - start:>8.1f}")
+        print(
+            f"{name:<14} {means[0]:>9.4f} {means[1]:>10.4f} {means[2]:>16.4f} "
+            f"{time.perf_counter() - start:>8.1f}"
+        )
     print("(losses and norms: mean of the last 20 steps)")
 
 

@@ -19,8 +19,8 @@ from dgr_jax import paper_tables
 METRIC_CONVENTIONS = {
     "metrics": "whole-set statistics (dgr_jax's): every metric from sums over the whole evaluation set",
     "metrics_paper": "the paper's (auto-lambda's TaskMetric): per-batch values averaged over batches, "
-                     "weighted by batch size; mIoU over every class (NaN if one never occurs); "
-                     "normals valid where their channels do not sum to 0",
+    "weighted by batch size; mIoU over every class (NaN if one never occurs); "
+    "normals valid where their channels do not sum to 0",
 }
 
 
@@ -48,7 +48,9 @@ class Writers:
         if not self.enabled:
             return
         with open(self.workdir / f"{kind}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{k: jsonable(v) for k, v in values.items()}}) + "\n")
+            f.write(
+                json.dumps({"step": step, **{k: jsonable(v) for k, v in values.items()}}) + "\n"
+            )
         with self._tb.as_default(step=step):
             for key, value in values.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -101,7 +103,9 @@ def plot_curves(workdir: Path, tasks) -> Path | None:
 def format_metrics(values, paper, tasks) -> str:
     parts = [f"{t.headline_key} {values[t.headline_key]:.4f}" for t in tasks]
     if "delta_m" in values:
-        parts.append(f"Δm {values['delta_m'] * 100:+.2f}% (paper's convention {paper['delta_m'] * 100:+.2f}%)")
+        parts.append(
+            f"Δm {values['delta_m'] * 100:+.2f}% (paper's convention {paper['delta_m'] * 100:+.2f}%)"
+        )
     return ", ".join(parts)
 
 
@@ -117,16 +121,26 @@ def results_table(config, tasks, values: dict[str, float], paper_values: dict[st
     def row(name, source):
         cells = [f"{source[k]:.4f}" if k in source else "-" for k in keys]
         dm = source.get("delta_m")
-        return f"| {name} | " + " | ".join(cells) + f" | {'-' if dm is None else f'{dm * 100:+.2f}%'} |"
+        return (
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {'-' if dm is None else f'{dm * 100:+.2f}%'} |"
+        )
 
-    lines = [header, rule, row(f"this run: {method} (paper's convention)", paper_values),
-             row(f"this run: {method} (whole-set)", values)]
+    lines = [
+        header,
+        rule,
+        row(f"this run: {method} (paper's convention)", paper_values),
+        row(f"this run: {method} (whole-set)", values),
+    ]
     paper = config.spec.paper_rows(config.model.network)
     if method in paper:
         lines.append(row(f"paper: {method}", paper[method]))
     lines.append("")
-    lines.append("The paper's row compares with this run's first row (per-batch running means, as "
-                 "auto-lambda's TaskMetric); the whole-set row is dgr_jax's convention.")
+    lines.append(
+        "The paper's row compares with this run's first row (per-batch running means, as "
+        "auto-lambda's TaskMetric); the whole-set row is dgr_jax's convention."
+    )
     return "\n".join(lines)
 
 
@@ -136,8 +150,10 @@ def write_summary(workdir: Path, summary: dict, config, tasks, log) -> None:
     (workdir / "results.md").write_text(table + "\n")
     curves = plot_curves(workdir, tasks)
     log("\n" + table)
-    log(f"wrote {workdir / 'summary.json'}, {workdir / 'results.md'}"
-        f"{', ' + str(curves) if curves else ''}, TensorBoard events in {workdir / 'tensorboard'}")
+    log(
+        f"wrote {workdir / 'summary.json'}, {workdir / 'results.md'}"
+        f"{', ' + str(curves) if curves else ''}, TensorBoard events in {workdir / 'tensorboard'}"
+    )
 
 
 class _NoBar:
@@ -156,5 +172,11 @@ def progress_bar(total: int, initial: int, enabled: bool):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
+    )

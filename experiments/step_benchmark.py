@@ -36,15 +36,33 @@ MODES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.step_benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.step_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _bench.add_common_flags(parser, "steps per mode")
     parser.add_argument("--num_dummy", type=int, default=3, help="K, dummy sets (default 3)")
-    parser.add_argument("--dgr_weight", type=float, default=0.1, help="lambda (default 0.1; does not change the cost)")
-    parser.add_argument("--dummy_batching", choices=("auto", "vmap", "unroll"), default="auto",
-                        help="how DGR modes batch the K dummy sets: vmap, unroll (one after another), "
-                        "or auto = unroll on CPU, vmap on accelerators (default auto)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to run (default all)")
+    parser.add_argument(
+        "--dgr_weight",
+        type=float,
+        default=0.1,
+        help="lambda (default 0.1; does not change the cost)",
+    )
+    parser.add_argument(
+        "--dummy_batching",
+        choices=("auto", "vmap", "unroll"),
+        default="auto",
+        help="how DGR modes batch the K dummy sets: vmap, unroll (one after another), "
+        "or auto = unroll on CPU, vmap on accelerators (default auto)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="modes to run (default all)",
+    )
     parser.add_argument("--child_mode", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _bench.check_common_flags(parser, args, extra_positive=("num_dummy",))
@@ -64,22 +82,39 @@ def run_mode(args) -> dict:
     from dgr_jax.train import init_train_state, make_train_step
 
     method = MODES[args.child_mode]
-    dgr = DGRConfig(weight=0.0 if method is None else args.dgr_weight, num_dummy=args.num_dummy,
-                    estimator=method or "exact", fd_eps=args.fd_eps, squared=method == "paper",
-                    unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching])
-    net = build_model(ModelConfig(network="split", backbone=args.backbone, base_width=args.base_width,
-                                  head_width=args.head_width), NYUV2)
+    dgr = DGRConfig(
+        weight=0.0 if method is None else args.dgr_weight,
+        num_dummy=args.num_dummy,
+        estimator=method or "exact",
+        fd_eps=args.fd_eps,
+        squared=method == "paper",
+        unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching],
+    )
+    net = build_model(
+        ModelConfig(
+            network="split",
+            backbone=args.backbone,
+            base_width=args.base_width,
+            head_width=args.head_width,
+        ),
+        NYUV2,
+    )
     optimizer = optax.sgd(0.1, momentum=0.9)
     batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
     state = init_train_state(net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy)
     step = make_train_step(net, NYUV2, dgr, optimizer)
-    _, compile_s, median_s, (_, metrics) = _bench.compile_and_time(step, (state, batch), args.repeats,
-                                                                   threaded_state=True)
+    _, compile_s, median_s, (_, metrics) = _bench.compile_and_time(
+        step, (state, batch), args.repeats, threaded_state=True
+    )
     loss = float(metrics["loss/total"])
     if loss != loss:
         raise SystemExit(f"step_benchmark: mode {args.child_mode} produced a NaN loss")
-    return {"median_s": median_s, "compile_s": compile_s, **_bench.peak_memory_mb(),
-            "device": _bench.device_description()}
+    return {
+        "median_s": median_s,
+        "compile_s": compile_s,
+        **_bench.peak_memory_mb(),
+        "device": _bench.device_description(),
+    }
 
 
 def main(argv=None):
@@ -92,12 +127,18 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items() if k not in ("json", "child_mode", "modes")}
     forwarded = [token for name, value in config.items() for token in (f"--{name}", str(value))]
     results, device = {}, None
-    print(f"Split {backbone_name(args.backbone)} (dilated) train step, input {args.height}x{args.width}, "
-          f"batch {args.batch_size}, K={args.num_dummy}, lambda={args.dgr_weight}", flush=True)
+    print(
+        f"Split {backbone_name(args.backbone)} (dilated) train step, input {args.height}x{args.width}, "
+        f"batch {args.batch_size}, K={args.num_dummy}, lambda={args.dgr_weight}",
+        flush=True,
+    )
     for mode in args.modes:
         print(f"  running {mode} in its own process ...", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "experiments.step_benchmark", *forwarded,
-                               "--child_mode", mode], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.step_benchmark", *forwarded, "--child_mode", mode],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"step_benchmark: mode {mode} failed (exit {proc.returncode})")
@@ -105,17 +146,27 @@ def main(argv=None):
         device = figures.pop("device")
         results[mode] = figures
     print(f"device: {device}\n")
-    memory_key = "peak_device_mb" if any("peak_device_mb" in r for r in results.values()) else "peak_rss_mb"
-    _bench.print_table(["mode", "median_s", "compile_s", memory_key],
-                       [[m, r["median_s"], r["compile_s"], f"{r.get(memory_key, float('nan')):.0f}"]
-                        for m, r in results.items()])
+    memory_key = (
+        "peak_device_mb" if any("peak_device_mb" in r for r in results.values()) else "peak_rss_mb"
+    )
+    _bench.print_table(
+        ["mode", "median_s", "compile_s", memory_key],
+        [
+            [m, r["median_s"], r["compile_s"], f"{r.get(memory_key, float('nan')):.0f}"]
+            for m, r in results.items()
+        ],
+    )
     ratios = {}
     if "dgr_exact" in results:
         for other in ("dgr_paper", "dgr_finite_difference", "vanilla"):
             if other in results:
-                ratios[f"dgr_exact/{other}"] = results["dgr_exact"]["median_s"] / results[other]["median_s"]
+                ratios[f"dgr_exact/{other}"] = (
+                    results["dgr_exact"]["median_s"] / results[other]["median_s"]
+                )
         print("  ".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
-    _bench.write_json(args.json, {"modes": results, "ratios": ratios, "device": device, "config": config})
+    _bench.write_json(
+        args.json, {"modes": results, "ratios": ratios, "device": device, "config": config}
+    )
     return results
 
 

@@ -40,11 +40,20 @@ def tiny_config(dataset="nyuv2", **changes):
     scenes = dataset in ("nyuv2", "cityscapes")
     config = RunConfig(
         dataset=dataset,
-        model=ModelConfig(network=spec.networks[0], backbone="resnet18", base_width=4, stage_sizes=(1, 2, 1, 1),
-                          head_width=8),
+        model=ModelConfig(
+            network=spec.networks[0],
+            backbone="resnet18",
+            base_width=4,
+            stage_sizes=(1, 2, 1, 1),
+            head_width=8,
+        ),
         dgr=DGRConfig(num_dummy=1),
         train=TrainConfig(**{**spec.recipe, "batch_size": 2 if scenes else 16}),
-        data=DataConfig(synthetic=scenes or dataset == "utkface", synthetic_size=(24, 32), synthetic_counts=(6, 3)),
+        data=DataConfig(
+            synthetic=scenes or dataset == "utkface",
+            synthetic_size=(24, 32),
+            synthetic_counts=(6, 3),
+        ),
     )
     return config.replace(**changes)
 

@@ -14,23 +14,42 @@ SCENE_HEAD = 16_125_440
 RESNET50 = 23_508_032
 
 
-@pytest.mark.parametrize("entry, argv, encoder, heads", [
-    (nyuv2, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 17),
-    (nyuv2, ["--network", "mtan"], RESNET50 + 3 * 4_175_936 + 7_931_392, 3 * SCENE_HEAD + 257 * 17),
-    (cityscapes, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 30),
-    (cityscapes, ["--network", "mtan"], RESNET50 + 3 * 4_175_936 + 7_931_392, 3 * SCENE_HEAD + 257 * 30),
-    (utkface, [], RESNET50, 3 * (2048 * 64 + 64) + 65 * 14),
-])
+@pytest.mark.parametrize(
+    "entry, argv, encoder, heads",
+    [
+        (nyuv2, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 17),
+        (
+            nyuv2,
+            ["--network", "mtan"],
+            RESNET50 + 3 * 4_175_936 + 7_931_392,
+            3 * SCENE_HEAD + 257 * 17,
+        ),
+        (cityscapes, ["--network", "split"], RESNET50, 3 * SCENE_HEAD + 257 * 30),
+        (
+            cityscapes,
+            ["--network", "mtan"],
+            RESNET50 + 3 * 4_175_936 + 7_931_392,
+            3 * SCENE_HEAD + 257 * 30,
+        ),
+        (utkface, [], RESNET50, 3 * (2048 * 64 + 64) + 65 * 14),
+    ],
+)
 def test_dry_run_prints_full_size_counts(capsys, entry, argv, encoder, heads):
     entry.main(argv + ["--dry_run"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     counts = json.loads(last)
-    assert counts == {"encoder_params": encoder, "head_params": heads, "dummy_params": 3 * heads,
-                      "total_params": encoder + 4 * heads}
+    assert counts == {
+        "encoder_params": encoder,
+        "head_params": heads,
+        "dummy_params": 3 * heads,
+        "total_params": encoder + 4 * heads,
+    }
 
 
 def test_entry_points_reject_what_they_cannot_do(capsys):
-    with pytest.raises(SystemExit, match="no data: pass --data_dir DIR with the NYUv2 .npy folders"):
+    with pytest.raises(
+        SystemExit, match="no data: pass --data_dir DIR with the NYUv2 .npy folders"
+    ):
         nyuv2.main([])
     with pytest.raises(SystemExit) as exit_info:
         utkface.main(["--network", "mtan", "--dry_run"])
@@ -40,8 +59,20 @@ def test_entry_points_reject_what_they_cannot_do(capsys):
         nyuv2.main(["--num_dummy", "0", "--dry_run"])
 
 
-SMALL = ["--height", "32", "--width", "40", "--backbone", "18", "--base_width", "4", "--head_width", "8",
-         "--repeats", "1"]
+SMALL = [
+    "--height",
+    "32",
+    "--width",
+    "40",
+    "--backbone",
+    "18",
+    "--base_width",
+    "4",
+    "--head_width",
+    "8",
+    "--repeats",
+    "1",
+]
 
 
 def test_penalty_benchmark_writes_its_table_as_json(tmp_path):
@@ -56,14 +87,18 @@ def test_penalty_benchmark_writes_its_table_as_json(tmp_path):
     # penalty gradient of this tiny random network 2e-3 off in float32 (the cosine loss 4e-5),
     # double_backprop as much as exact.
     assert result["methods"]["exact"]["rel_err_vs_float64"] < 1e-2
-    assert result["methods"]["exact"]["rel_err_vs_float64"] < 2 * result["methods"]["double_backprop"][
-        "rel_err_vs_float64"] + 1e-4
+    assert (
+        result["methods"]["exact"]["rel_err_vs_float64"]
+        < 2 * result["methods"]["double_backprop"]["rel_err_vs_float64"] + 1e-4
+    )
 
 
 def test_step_benchmark_runs_modes_in_their_own_processes(tmp_path):
     # Every mode's step is tested in-process in test_train.py; here the command itself.
     path = tmp_path / "step.json"
-    step_benchmark.main(SMALL + ["--num_dummy", "2", "--modes", "dgr_exact", "dgr_paper", "--json", str(path)])
+    step_benchmark.main(
+        SMALL + ["--num_dummy", "2", "--modes", "dgr_exact", "dgr_paper", "--json", str(path)]
+    )
     result = json.loads(path.read_text())
     assert set(result["modes"]) == {"dgr_exact", "dgr_paper"}
     assert set(result["ratios"]) == {"dgr_exact/dgr_paper"}
@@ -72,12 +107,15 @@ def test_step_benchmark_runs_modes_in_their_own_processes(tmp_path):
     assert result["config"]["num_dummy"] == 2 and "cpu" in result["device"]
 
 
-@pytest.mark.parametrize("entry, argv, message", [
-    (penalty_benchmark, ["--height", "0"], "--height must be >= 1, got 0"),
-    (step_benchmark, ["--fd_eps", "0"], "--fd_eps must be > 0, got 0.0"),
-    (step_benchmark, ["--num_dummy", "0"], "--num_dummy must be >= 1, got 0"),
-    (step_benchmark, ["--dgr_weight", "-1"], "--dgr_weight must be >= 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "entry, argv, message",
+    [
+        (penalty_benchmark, ["--height", "0"], "--height must be >= 1, got 0"),
+        (step_benchmark, ["--fd_eps", "0"], "--fd_eps must be > 0, got 0.0"),
+        (step_benchmark, ["--num_dummy", "0"], "--num_dummy must be >= 1, got 0"),
+        (step_benchmark, ["--dgr_weight", "-1"], "--dgr_weight must be >= 0, got -1.0"),
+    ],
+)
 def test_benchmarks_reject_bad_flags_in_one_line(capsys, entry, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         entry.main(argv)

@@ -22,9 +22,26 @@ from experiments.loop import RunError, train_and_evaluate
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 QUIET = dict(progress=False, log=lambda _: None)
-TINY_FLAGS = ["--synthetic", "--synthetic_size", "24x32", "--synthetic_counts", "6,3", "--backbone", "18",
-              "--base_width", "4", "--stage_sizes", "1,2,1,1", "--head_width", "8", "--num_dummy", "1",
-              "--batch_size", "2", "--no_progress"]
+TINY_FLAGS = [
+    "--synthetic",
+    "--synthetic_size",
+    "24x32",
+    "--synthetic_counts",
+    "6,3",
+    "--backbone",
+    "18",
+    "--base_width",
+    "4",
+    "--stage_sizes",
+    "1,2,1,1",
+    "--head_width",
+    "8",
+    "--num_dummy",
+    "1",
+    "--batch_size",
+    "2",
+    "--no_progress",
+]
 
 
 def one_line(error) -> str:
@@ -34,9 +51,20 @@ def one_line(error) -> str:
 
 
 def cli(args, cache, *, timeout=600, **popen):
-    env = {**os.environ, "DGR_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "experiments.nyuv2", *TINY_FLAGS, *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    env = {
+        **os.environ,
+        "DGR_JAX_CACHE": str(cache),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.nyuv2", *TINY_FLAGS, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def assert_clean_failure(process, message, code=1):
@@ -75,15 +103,21 @@ def test_resume_without_a_checkpoint_and_a_used_workdir_without_resume(tmp_path)
     config = tiny_config(train={"steps": 1})
     with pytest.raises(RunError) as info:
         train_and_evaluate(config, tmp_path / "empty", resume=True, **QUIET)
-    assert one_line(info.value).startswith(f"--resume: no checkpoint in {tmp_path / 'empty' / 'checkpoints'}")
+    assert one_line(info.value).startswith(
+        f"--resume: no checkpoint in {tmp_path / 'empty' / 'checkpoints'}"
+    )
     train_and_evaluate(config, tmp_path / "used", **QUIET)
     with pytest.raises(RunError) as info:
         train_and_evaluate(config, tmp_path / "used", **QUIET)
     assert "holds a run (checkpoints, best, train.jsonl" in one_line(info.value)
     removed = []
-    train_and_evaluate(config, tmp_path / "used", overwrite=True, progress=False, log=removed.append)
+    train_and_evaluate(
+        config, tmp_path / "used", overwrite=True, progress=False, log=removed.append
+    )
     assert removed[0].startswith("--overwrite: removed checkpoints, best, train.jsonl")
-    assert [json.loads(r)["step"] for r in (tmp_path / "used" / "train.jsonl").read_text().splitlines()] == [1]
+    assert [
+        json.loads(r)["step"] for r in (tmp_path / "used" / "train.jsonl").read_text().splitlines()
+    ] == [1]
 
 
 # ---------------------------------------------------------------------------
@@ -94,27 +128,40 @@ def test_checkpoint_every_dividing_the_last_step_saves_once(tmp_path):
     config = tiny_config(train={"steps": 4, "checkpoint_every": 2})  # 3 steps per epoch
     summary = train_and_evaluate(config, tmp_path, **QUIET)
     assert summary["steps"] == 4
-    assert checkpoint_steps(tmp_path) == [3, 4]  # max_to_keep 2: 2, 3 (epoch end), 4 (periodic and final)
+    assert checkpoint_steps(tmp_path) == [
+        3,
+        4,
+    ]  # max_to_keep 2: 2, 3 (epoch end), 4 (periodic and final)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     config = tiny_config(train={"epochs": 2})
     train_and_evaluate(config, tmp_path, **QUIET)
     assert checkpoint_steps(tmp_path) == [3, 6]
-    arrays = sorted((p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()),
-                    key=lambda p: p.stat().st_size)
+    arrays = sorted(
+        (p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     biggest = arrays[-1]
-    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])  # truncated, as by a crash
+    biggest.write_bytes(
+        biggest.read_bytes()[: biggest.stat().st_size // 3]
+    )  # truncated, as by a crash
     said = []
-    summary = train_and_evaluate(config.replace(train={"epochs": 3}), tmp_path, resume=True, progress=False,
-                                 log=said.append)
-    assert any(line.startswith(f"checkpoint {tmp_path / 'checkpoints' / '6'} is unreadable") and "\n" not in line
-               for line in said), said
+    summary = train_and_evaluate(
+        config.replace(train={"epochs": 3}), tmp_path, resume=True, progress=False, log=said.append
+    )
+    assert any(
+        line.startswith(f"checkpoint {tmp_path / 'checkpoints' / '6'} is unreadable")
+        and "\n" not in line
+        for line in said
+    ), said
     assert any(line.startswith("resumed from step 3") for line in said), said
     assert (tmp_path / "checkpoints" / "6.unreadable").is_dir()  # kept, out of the way
     assert summary["steps"] == 9 and checkpoint_steps(tmp_path) == [6, 9]
     steps = [json.loads(r)["step"] for r in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 10))  # the rows after step 3 were dropped, then written again, once
+    assert steps == list(
+        range(1, 10)
+    )  # the rows after step 3 were dropped, then written again, once
 
 
 def test_resume_with_another_configuration_names_the_flags(tmp_path):
@@ -124,11 +171,18 @@ def test_resume_with_another_configuration_names_the_flags(tmp_path):
     with pytest.raises(RunError) as info:
         train_and_evaluate(changed, tmp_path, resume=True, **QUIET)
     text = one_line(info.value)
-    assert text.startswith(f"--resume: the checkpoint in {tmp_path / 'checkpoints'} was trained with ")
+    assert text.startswith(
+        f"--resume: the checkpoint in {tmp_path / 'checkpoints'} was trained with "
+    )
     assert "--network 'split'" in text and "--batch_size 2" in text
     assert text.endswith("this run has --network 'mtan', --batch_size 3")
     # More steps are a change a resumed run may make.
-    assert train_and_evaluate(config.replace(train={"steps": 2}), tmp_path, resume=True, **QUIET)["steps"] == 2
+    assert (
+        train_and_evaluate(config.replace(train={"steps": 2}), tmp_path, resume=True, **QUIET)[
+            "steps"
+        ]
+        == 2
+    )
 
 
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_good_checkpoint(tmp_path):
@@ -140,7 +194,9 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_good_checkpoint(tmp_pa
     failed_at = int(text.split(":")[0].removeprefix("step "))
     saved = checkpoint_steps(tmp_path)
     assert all(step < failed_at for step in saved)
-    assert not any("tmp" in p.name for p in tmp_path.rglob("*")), "a half-written checkpoint was left"
+    assert not any("tmp" in p.name for p in tmp_path.rglob("*")), (
+        "a half-written checkpoint was left"
+    )
     assert not (tmp_path / "best").exists() or not any((tmp_path / "best").iterdir())
     if saved:
         assert f"the last good checkpoint is step {saved[-1]}" in text
@@ -152,7 +208,9 @@ def test_non_finite_loss_stops_at_that_step_and_keeps_the_good_checkpoint(tmp_pa
 
 def test_distributed_start_up_initialises_before_any_jax_call(monkeypatch):
     calls = []
-    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda *a, **k: calls.append("initialize"))
+    monkeypatch.setattr(
+        parallel.jax.distributed, "initialize", lambda *a, **k: calls.append("initialize")
+    )
 
     def no_jax_before(*args, **kwargs):
         raise AssertionError("jax.process_count() was called before jax.distributed.initialize()")
@@ -165,13 +223,17 @@ def test_distributed_start_up_initialises_before_any_jax_call(monkeypatch):
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     assert not parallel.initialize_distributed() and calls == ["initialize"]
     assert parallel.multi_process_launch({"SLURM_NTASKS": "4"})
-    assert not parallel.multi_process_launch({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "one-host"})
+    assert not parallel.multi_process_launch(
+        {"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "one-host"}
+    )
 
 
 def test_sum_over_processes_is_the_identity_on_one_process():
     tree = {"a": np.arange(3), "b": {"c": np.float32(2.5)}}
     merged = parallel.sum_over_processes(tree)
-    np.testing.assert_array_equal(merged["a"], tree["a"]) and np.testing.assert_array_equal(merged["b"]["c"], 2.5)
+    np.testing.assert_array_equal(merged["a"], tree["a"]) and np.testing.assert_array_equal(
+        merged["b"]["c"], 2.5
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -200,21 +262,31 @@ def test_signal_saves_the_current_step_and_exits(tmp_path, private_cache, signum
     name = signal.Signals(signum).name
     lines = [line for line in err.splitlines() if line.startswith("experiments.nyuv2:")]
     assert process.returncode == code and "Traceback" not in err, err[-3000:]
-    assert len(lines) == 1 and f"stopped by {name} at step " in lines[0] and "rerun with --resume" in lines[0]
+    assert (
+        len(lines) == 1
+        and f"stopped by {name} at step " in lines[0]
+        and "rerun with --resume" in lines[0]
+    )
     stopped_at = int(lines[0].split(" at step ")[1].split(";")[0])
     assert checkpoint_steps(workdir)[-1] == stopped_at
 
 
-def test_kill_during_checkpointing_then_resume_restarts_from_a_complete_checkpoint(tmp_path, private_cache):
+def test_kill_during_checkpointing_then_resume_restarts_from_a_complete_checkpoint(
+    tmp_path, private_cache
+):
     workdir = tmp_path / "run"
-    process = cli(["--steps", "200", "--checkpoint_every", "1", "--workdir", str(workdir)], private_cache)
+    process = cli(
+        ["--steps", "200", "--checkpoint_every", "1", "--workdir", str(workdir)], private_cache
+    )
     wait_for_step(workdir, process)
     time.sleep(3.0)  # saves every step: the kill lands in or near one
     process.kill()
     process.communicate()
     steps = checkpoint_steps(workdir)
     assert steps, "no checkpoint finished before the kill"
-    resumed = cli(["--steps", str(steps[-1] + 1), "--workdir", str(workdir), "--resume"], private_cache)
+    resumed = cli(
+        ["--steps", str(steps[-1] + 1), "--workdir", str(workdir), "--resume"], private_cache
+    )
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from step {steps[-1]}" in out + err
@@ -223,9 +295,15 @@ def test_kill_during_checkpointing_then_resume_restarts_from_a_complete_checkpoi
 def test_entry_point_one_line_errors_for_the_workdir_and_resume(tmp_path, private_cache):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert_clean_failure(cli(["--steps", "1", "--workdir", str(afile)], private_cache),
-                         f"--workdir {afile}: exists and is not a folder")
-    assert_clean_failure(cli(["--steps", "1", "--workdir", str(tmp_path / "none"), "--resume"], private_cache),
-                         "--resume: no checkpoint in")
-    assert_clean_failure(cli(["--steps", "3", "--lr", "1e8", "--workdir", str(tmp_path / "nan")], private_cache),
-                         "non-finite")
+    assert_clean_failure(
+        cli(["--steps", "1", "--workdir", str(afile)], private_cache),
+        f"--workdir {afile}: exists and is not a folder",
+    )
+    assert_clean_failure(
+        cli(["--steps", "1", "--workdir", str(tmp_path / "none"), "--resume"], private_cache),
+        "--resume: no checkpoint in",
+    )
+    assert_clean_failure(
+        cli(["--steps", "3", "--lr", "1e8", "--workdir", str(tmp_path / "nan")], private_cache),
+        "non-finite",
+    )

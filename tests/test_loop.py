@@ -32,15 +32,23 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dataset, network, weighting, dgr_weight", [
-    ("nyuv2", "split", "uncertainty", 0.1),
-    ("nyuv2", "mtan", "equal", 0.1),
-    ("cityscapes", "split", "uncertainty", 0.0),
-    ("multidigits", "classifier", "dwa", 0.1),
-])
+@pytest.mark.parametrize(
+    "dataset, network, weighting, dgr_weight",
+    [
+        ("nyuv2", "split", "uncertainty", 0.1),
+        ("nyuv2", "mtan", "equal", 0.1),
+        ("cityscapes", "split", "uncertainty", 0.0),
+        ("multidigits", "classifier", "dwa", 0.1),
+    ],
+)
 def test_train_and_evaluate_end_to_end(tmp_path, dataset, network, weighting, dgr_weight):
-    config = tiny_config(dataset, model={"network": network}, method=MethodConfig(weighting),
-                         dgr={"weight": dgr_weight}, train={"steps": 2})
+    config = tiny_config(
+        dataset,
+        model={"network": network},
+        method=MethodConfig(weighting),
+        dgr={"weight": dgr_weight},
+        train={"steps": 2},
+    )
     summary = train_and_evaluate(config, tmp_path, progress=False, log=lambda _: None)
     assert summary["steps"] == 2
     metrics = summary["metrics"]
@@ -59,16 +67,26 @@ def test_train_and_evaluate_end_to_end(tmp_path, dataset, network, weighting, dg
 def test_resume_continues_exactly(tmp_path):
     config = tiny_config(method=MethodConfig("dwa"), dgr={"weight": 0.1}, train={"epochs": 2})
     whole = train_and_evaluate(config, tmp_path / "whole", progress=False, log=lambda _: None)
-    stopped = train_and_evaluate(config, tmp_path / "parts", stop_after=4, progress=False, log=lambda _: None)
+    stopped = train_and_evaluate(
+        config, tmp_path / "parts", stop_after=4, progress=False, log=lambda _: None
+    )
     assert stopped == {"stopped_at": 4}  # in the middle of the second epoch
-    resumed = train_and_evaluate(config, tmp_path / "parts", resume=True, progress=False, log=lambda _: None)
+    resumed = train_and_evaluate(
+        config, tmp_path / "parts", resume=True, progress=False, log=lambda _: None
+    )
     assert resumed["steps"] == whole["steps"] == 6
     for key, value in whole["metrics"].items():
-        np.testing.assert_allclose(resumed["metrics"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            resumed["metrics"][key], value, rtol=1e-5, atol=1e-6, err_msg=key
+        )
     losses = {r["step"]: r["loss/total"] for r in read_lines(tmp_path / "whole" / "train.jsonl")}
-    resumed_losses = {r["step"]: r["loss/total"] for r in read_lines(tmp_path / "parts" / "train.jsonl")}
+    resumed_losses = {
+        r["step"]: r["loss/total"] for r in read_lines(tmp_path / "parts" / "train.jsonl")
+    }
     assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([resumed_losses[s] for s in range(1, 7)], [losses[s] for s in range(1, 7)], rtol=1e-5)
+    np.testing.assert_allclose(
+        [resumed_losses[s] for s in range(1, 7)], [losses[s] for s in range(1, 7)], rtol=1e-5
+    )
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
@@ -118,15 +136,18 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_four_device_step_equals_one_device_step():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     one, four = results["1"], results["4"]
     assert "data" in four["sharding"] and "data" not in four["short_sharding"]
     for key, value in one["metrics"].items():
         np.testing.assert_allclose(four["metrics"][key], value, rtol=2e-4, atol=1e-6, err_msg=key)
-        np.testing.assert_allclose(four["short_metrics"][key], one["short_metrics"][key], rtol=2e-4, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            four["short_metrics"][key], one["short_metrics"][key], rtol=2e-4, atol=1e-6, err_msg=key
+        )
     # float32 reductions in another order, amplified where the L1 losses' kinks flip a sign:
     # 2e-5 relative over the whole vector, 5e-5 at worst on parameters of size ~0.1. A
     # device-local BatchNorm or loss would be off by orders of magnitude more.
@@ -140,8 +161,16 @@ def test_four_device_step_equals_one_device_step():
 def test_dgr_lowers_the_dummy_gradient_norm():
     """Mechanism: from the same start and data, N steps with lambda > 0 leave the
     dummy sets' gradient norm lower than N steps with lambda = 0."""
-    net = build_model(ModelConfig(network="split", backbone="resnet18", base_width=4, head_width=8,
-                                  stage_sizes=(1, 1, 1, 1)), NYUV2)
+    net = build_model(
+        ModelConfig(
+            network="split",
+            backbone="resnet18",
+            base_width=4,
+            head_width=8,
+            stage_sizes=(1, 1, 1, 1),
+        ),
+        NYUV2,
+    )
     batch = {k: jnp.asarray(v) for k, v in random_batch(NYUV2, 4, 24, 32).items()}
     batch["image"] = batch["image"].astype(jnp.float32)
     optimizer = optax.sgd(0.05, momentum=0.9)
@@ -149,17 +178,34 @@ def test_dgr_lowers_the_dummy_gradient_norm():
 
     @jax.jit
     def dummy_norm(state):
-        (features, _), _ = net.apply({"params": {"encoder": state.params["encoder"], "heads": state.params["heads"]},
-                                      "batch_stats": state.batch_stats}, batch["image"], train=True,
-                                     mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-        return heads_penalty(heads_apply_fn(net.heads, batch["image"].shape[1:3]), state.dummy_sets, features,
-                             {t.name: batch[t.name] for t in NYUV2}, task_losses(NYUV2), unroll_sets=True)
+        (features, _), _ = net.apply(
+            {
+                "params": {"encoder": state.params["encoder"], "heads": state.params["heads"]},
+                "batch_stats": state.batch_stats,
+            },
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(0)},
+        )
+        return heads_penalty(
+            heads_apply_fn(net.heads, batch["image"].shape[1:3]),
+            state.dummy_sets,
+            features,
+            {t.name: batch[t.name] for t in NYUV2},
+            task_losses(NYUV2),
+            unroll_sets=True,
+        )
 
     finals = {}
     for weight in (0.0, 1.0):
-        step = jax.jit(make_train_step(net, NYUV2, DGRConfig(weight=weight, num_dummy=2), optimizer))
+        step = jax.jit(
+            make_train_step(net, NYUV2, DGRConfig(weight=weight, num_dummy=2), optimizer)
+        )
         state = start
-        for _ in range(20):  # the L1 normal loss (the original's) keeps part of the norm: 10 steps -6%, 20 -15%
+        for _ in range(
+            20
+        ):  # the L1 normal loss (the original's) keeps part of the norm: 10 steps -6%, 20 -15%
             state, _ = step(state, batch)
         finals[weight] = float(dummy_norm(state))
     assert finals[1.0] < 0.9 * finals[0.0], finals
@@ -170,55 +216,93 @@ def test_learning_rate_is_cosine_stepped_once_per_epoch_as_cosine_annealing_lr()
     lr (1 + cos(pi e / E)) / 2 for every one of its steps."""
     from experiments.loop import learning_rate_schedule
 
-    schedule = learning_rate_schedule(TrainConfig(lr=0.1, epochs=4), steps_per_epoch=3, total_steps=12)
+    schedule = learning_rate_schedule(
+        TrainConfig(lr=0.1, epochs=4), steps_per_epoch=3, total_steps=12
+    )
     for count in range(12):
         epoch = count // 3
-        assert float(schedule(count)) == pytest.approx(0.05 * (1 + math.cos(math.pi * epoch / 4)), rel=1e-6), count
-    assert float(schedule(3)) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)), rel=1e-6)  # an epoch boundary
-    per_step = learning_rate_schedule(TrainConfig(lr=0.1, lr_schedule="step"), steps_per_epoch=3, total_steps=12)
+        assert float(schedule(count)) == pytest.approx(
+            0.05 * (1 + math.cos(math.pi * epoch / 4)), rel=1e-6
+        ), count
+    assert float(schedule(3)) == pytest.approx(
+        0.05 * (1 + math.cos(math.pi / 4)), rel=1e-6
+    )  # an epoch boundary
+    per_step = learning_rate_schedule(
+        TrainConfig(lr=0.1, lr_schedule="step"), steps_per_epoch=3, total_steps=12
+    )
     assert float(per_step(1)) == pytest.approx(0.05 * (1 + math.cos(math.pi / 12)), rel=1e-6)
 
 
 def test_uncertainty_log_variances_are_weight_decayed_as_in_the_original():
     from experiments.loop import make_optimizer
 
-    params = {"encoder": jnp.ones(2), "heads": jnp.ones(1), "method": {"log_var": jnp.full(3, -0.7)}}
+    params = {
+        "encoder": jnp.ones(2),
+        "heads": jnp.ones(1),
+        "method": {"log_var": jnp.full(3, -0.7)},
+    }
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     for args, decayed in ((None, True), ({"weight_decay": False}, False)):
         method = MethodConfig("uncertainty", tuple((args or {}).items())).build()
         optimizer = make_optimizer(TrainConfig(lr=0.1, weight_decay=1e-4), 10, 10, method)
         updates, _ = optimizer.update(zeros, optimizer.init(params), params)
         # SGD, first step: update = -lr * (grad + wd * param).
-        np.testing.assert_allclose(updates["method"]["log_var"], -0.1 * 1e-4 * -0.7 if decayed else 0.0, rtol=1e-6)
+        np.testing.assert_allclose(
+            updates["method"]["log_var"], -0.1 * 1e-4 * -0.7 if decayed else 0.0, rtol=1e-6
+        )
         np.testing.assert_allclose(updates["encoder"], -0.1 * 1e-4, rtol=1e-6)
 
 
 def test_short_last_batch_is_kept_by_default_and_dropped_on_request(tmp_path):
-    config = tiny_config(dgr={"weight": 0.1}, train={"epochs": 1}, data={"synthetic_counts": (5, 3)})
+    config = tiny_config(
+        dgr={"weight": 0.1}, train={"epochs": 1}, data={"synthetic_counts": (5, 3)}
+    )
     kept = config.spec.open(config)
     assert [len(b["index"]) for b in kept.train_epoch(0, 0)] == [2, 2, 1]
     dropping = config.replace(data={"drop_last": True})
     assert len(dropping.spec.open(dropping).train_epoch(0, 0)) == 2
     summary = train_and_evaluate(config, tmp_path, progress=False, log=lambda _: None)
-    assert summary["steps"] == 3 and [r["step"] for r in read_lines(tmp_path / "train.jsonl")] == [1, 2, 3]
-    assert set(summary["metrics_paper"]) == {"seg/miou", "depth/abs_err", "normal/mean_angle", "delta_m"}
+    assert summary["steps"] == 3 and [r["step"] for r in read_lines(tmp_path / "train.jsonl")] == [
+        1,
+        2,
+        3,
+    ]
+    assert set(summary["metrics_paper"]) == {
+        "seg/miou",
+        "depth/abs_err",
+        "normal/mean_angle",
+        "delta_m",
+    }
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "no data: pass --data_dir DIR"),
-    (["--data_dir", "/nonexistent/nyu"], "--data_dir /nonexistent/nyu: no such folder"),
-    (["--synthetic", "--tasks", "seg,colour"], "--tasks: colour is not a task of nyuv2"),
-    (["--synthetic", "--lr", "0"], "--lr must be > 0, got 0.0"),
-    (["--synthetic", "--dgr_weight", "-1"], "--dgr_weight must be >= 0, got -1.0"),
-    (["--synthetic", "--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--synthetic", "--head_dropout", "1.5"], "--head_dropout must be in [0, 1), got 1.5"),
-    (["--synthetic", "--weighting", "uncertainty", "--method_args", "temperature=2"],
-     "--method_args: uncertainty has no argument 'temperature'; its arguments: initial_log_var=-0.7"),
-    (["--synthetic", "--weighting", "uncertainty", "--method_args", "scale=big"],
-     "--method_args: scale='big' is not a float"),
-    (["--synthetic", "--weighting", "dwa", "--method_args", "temperature"], "--method_args: 'temperature' is not KEY=VALUE"),
-    (["--synthetic", "--weighting", "dwa", "--method_args", "temperature=0"], "--method_args: dwa: temperature must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no data: pass --data_dir DIR"),
+        (["--data_dir", "/nonexistent/nyu"], "--data_dir /nonexistent/nyu: no such folder"),
+        (["--synthetic", "--tasks", "seg,colour"], "--tasks: colour is not a task of nyuv2"),
+        (["--synthetic", "--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--synthetic", "--dgr_weight", "-1"], "--dgr_weight must be >= 0, got -1.0"),
+        (["--synthetic", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--synthetic", "--head_dropout", "1.5"], "--head_dropout must be in [0, 1), got 1.5"),
+        (
+            ["--synthetic", "--weighting", "uncertainty", "--method_args", "temperature=2"],
+            "--method_args: uncertainty has no argument 'temperature'; its arguments: initial_log_var=-0.7",
+        ),
+        (
+            ["--synthetic", "--weighting", "uncertainty", "--method_args", "scale=big"],
+            "--method_args: scale='big' is not a float",
+        ),
+        (
+            ["--synthetic", "--weighting", "dwa", "--method_args", "temperature"],
+            "--method_args: 'temperature' is not KEY=VALUE",
+        ),
+        (
+            ["--synthetic", "--weighting", "dwa", "--method_args", "temperature=0"],
+            "--method_args: dwa: temperature must be > 0",
+        ),
+    ],
+)
 def test_entry_point_rejects_bad_flags_and_missing_data_in_one_line(argv, message):
     with pytest.raises(SystemExit) as exit_info:
         nyuv2.main(argv)

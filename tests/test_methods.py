@@ -58,7 +58,9 @@ def test_dwa_weights_follow_epoch_average_loss_ratios():
     expected = [3 * v / sum(e) for v in e]
     total, weights = method.loss(params, jnp.array([2.0, 1.0, 0.5], F64), state)
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
-    np.testing.assert_allclose(total, 2.0 * expected[0] + expected[1] + 0.5 * expected[2], rtol=1e-12)
+    np.testing.assert_allclose(
+        total, 2.0 * expected[0] + expected[1] + 0.5 * expected[2], rtol=1e-12
+    )
     # Weights are constants for the gradient.
     grad = jax.grad(lambda values: method.loss(params, values, state)[0])(losses)
     np.testing.assert_allclose(grad, expected, rtol=1e-12)
@@ -72,7 +74,9 @@ def test_dwa_weights_follow_epoch_average_loss_ratios():
     np.testing.assert_array_equal(state.loss_sum, np.zeros(3))
     assert int(state.num_examples) == 0 and int(state.epoch) == 3
     e = [math.exp(0.5 / 2), math.exp(0.9 / 2), math.exp(1.0 / 2)]
-    np.testing.assert_allclose(method.loss(params, losses, state)[1], [3 * v / sum(e) for v in e], rtol=1e-12)
+    np.testing.assert_allclose(
+        method.loss(params, losses, state)[1], [3 * v / sum(e) for v in e], rtol=1e-12
+    )
 
 
 def test_uncertainty_defaults_are_the_original_codes_form_from_minus_0_7():
@@ -118,14 +122,20 @@ def test_uncertainty_kendall_form_total_gradient_and_optimum_match_closed_form()
     optimum = UncertaintyParams(jnp.log(losses))
     np.testing.assert_allclose(jax.grad(total_of)(optimum, losses).log_var, np.zeros(3), atol=1e-14)
     for shift in (-0.1, 0.1):
-        assert float(total_of(UncertaintyParams(jnp.log(losses) + shift), losses)) > float(total_of(optimum, losses))
+        assert float(total_of(UncertaintyParams(jnp.log(losses) + shift), losses)) > float(
+            total_of(optimum, losses)
+        )
 
 
 def test_dwa_epoch_average_weighs_a_short_last_batch_by_its_size():
     """The original's running mean: r = n / (n + b/B), m = r m + (1 - r) loss, per step."""
     method = dwa()
     _, state = method.init(2, F64)
-    steps = [([1.0, 4.0], 4), ([3.0, 2.0], 4), ([0.5, 9.0], 2)]  # batches of 4, 4 and a short one of 2
+    steps = [
+        ([1.0, 4.0], 4),
+        ([3.0, 2.0], 4),
+        ([0.5, 9.0], 2),
+    ]  # batches of 4, 4 and a short one of 2
     running, counter = np.zeros(2), 0
     for losses, size in steps:
         state = method.update(state, jnp.asarray(losses, F64), size)
@@ -141,8 +151,12 @@ def test_weighted_sum_combine_matches_numpy():
     rng = np.random.default_rng(0)
     grads = {"w": rng.normal(size=(3, 4, 2)), "b": rng.normal(size=(3, 2))}
     weights = np.array([0.5, 1.5, -2.0])
-    combined, state = weighted_sum(jax.tree_util.tree_map(jnp.asarray, grads), jnp.ones(3, F64),
-                                   jnp.asarray(weights), {"kept": jnp.zeros(())})
+    combined, state = weighted_sum(
+        jax.tree_util.tree_map(jnp.asarray, grads),
+        jnp.ones(3, F64),
+        jnp.asarray(weights),
+        {"kept": jnp.zeros(())},
+    )
     for name, g in grads.items():
         np.testing.assert_allclose(combined[name], np.einsum("t,t...->...", weights, g), rtol=1e-12)
     assert set(state) == {"kept"}
@@ -154,14 +168,19 @@ def test_weighted_sum_combine_matches_numpy():
 def test_every_method_is_pure_and_jits_once(name):
     method = get_method(name)
     params, state = method.init(3)  # float32 by default, as in training
-    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves((params, state)))
+    assert all(
+        leaf.dtype in (jnp.float32, jnp.int32)
+        for leaf in jax.tree_util.tree_leaves((params, state))
+    )
     losses = jnp.array([1.0, 2.0, 3.0], jnp.float32)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(params, state, losses):
         total, weights = method.loss(params, losses, state)
-        combined, state = method.combine({"g": jnp.ones((3, 2), jnp.float32)}, losses, weights, state)
+        combined, state = method.combine(
+            {"g": jnp.ones((3, 2), jnp.float32)}, losses, weights, state
+        )
         return total, weights, combined, method.update(state, losses)
 
     chex.clear_trace_counter()
@@ -170,12 +189,16 @@ def test_every_method_is_pure_and_jits_once(name):
         state = jax.jit(method.end_epoch)(state)
     assert total.dtype == jnp.float32 and weights.shape == (3,)
     np.testing.assert_allclose(combined["g"], np.full(2, float(jnp.sum(weights))), rtol=1e-6)
-    chex.assert_trees_all_close(jax.jit(method.loss)(params, losses, state), method.loss(params, losses, state))
+    chex.assert_trees_all_close(
+        jax.jit(method.loss)(params, losses, state), method.loss(params, losses, state)
+    )
 
 
 def test_registry_and_argument_checks():
     assert set(METHODS) == {"equal", "dwa", "uncertainty"}
-    with pytest.raises(ValueError, match=r"^unknown MTL method 'pcgrad'; valid: equal, dwa, uncertainty$"):
+    with pytest.raises(
+        ValueError, match=r"^unknown MTL method 'pcgrad'; valid: equal, dwa, uncertainty$"
+    ):
         get_method("pcgrad")
     with pytest.raises(ValueError, match="temperature"):
         get_method("dwa", temperature=0.0)
@@ -193,7 +216,10 @@ def test_per_task_gradients_equal_separate_gradients():
     """One forward, T + 1 VJPs: each row against its own jax.grad (float64 toy model)."""
     rng = np.random.default_rng(1)
     x, targets = jnp.asarray(rng.normal(size=(6, 4))), jnp.asarray(rng.normal(size=(6, 3)))
-    params = {"encoder": jnp.asarray(rng.normal(size=(4, 5))), "heads": jnp.asarray(rng.normal(size=(5, 3)))}
+    params = {
+        "encoder": jnp.asarray(rng.normal(size=(4, 5))),
+        "heads": jnp.asarray(rng.normal(size=(5, 3))),
+    }
 
     def objective(p):
         features = jnp.tanh(x @ p["encoder"])
@@ -204,8 +230,12 @@ def test_per_task_gradients_equal_separate_gradients():
     assert aux == "aux" and task_grads["encoder"].shape == (3, 4, 5)
     for t in range(3):
         want = jax.grad(lambda p, t=t: objective(p)[0][0][t])(params)
-        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda g, t=t: g[t], task_grads), want, rtol=1e-12)
-    chex.assert_trees_all_close(extra_grads, jax.grad(lambda p: objective(p)[0][1])(params), rtol=1e-12)
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda g, t=t: g[t], task_grads), want, rtol=1e-12
+        )
+    chex.assert_trees_all_close(
+        extra_grads, jax.grad(lambda p: objective(p)[0][1])(params), rtol=1e-12
+    )
     np.testing.assert_allclose(extra, 0.7 * np.sum(np.square(params["encoder"])), rtol=1e-12)
     with pytest.raises(ValueError, match=r"task losses of shape \(3,\), expected \(2,\)"):
         per_task_gradients(objective, params, 2)
@@ -217,8 +247,16 @@ def tiny_classifier():
     from dgr_jax.tasks import MULTIDIGITS
     from experiments._bench import random_batch
 
-    net = build_model(ModelConfig(network="classifier", backbone="resnet18", base_width=4,
-                                  stage_sizes=(1, 1, 1, 1), classifier_hidden=8), MULTIDIGITS)
+    net = build_model(
+        ModelConfig(
+            network="classifier",
+            backbone="resnet18",
+            base_width=4,
+            stage_sizes=(1, 1, 1, 1),
+            classifier_hidden=8,
+        ),
+        MULTIDIGITS,
+    )
     batch = {k: jnp.asarray(v) for k, v in random_batch(MULTIDIGITS, 6, 12, 24).items()}
     return net, MULTIDIGITS, batch
 
@@ -237,15 +275,29 @@ def test_cheap_path_equals_task_gradient_path_in_the_train_step(tiny_classifier,
     method = get_method(name)
     dgr = DGRConfig(weight=0.4, num_dummy=2)
     optimizer = optax.sgd(1.0)
-    state = init_train_state(net, optimizer, jax.random.PRNGKey(0), batch["image"], 2, method, len(tasks))
-    state = jax.tree_util.tree_map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    state = init_train_state(
+        net, optimizer, jax.random.PRNGKey(0), batch["image"], 2, method, len(tasks)
+    )
+    state = jax.tree_util.tree_map(
+        lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+    )
     if name == "uncertainty":
-        state = state.replace(params={**state.params, "method": UncertaintyParams(jnp.array([0.3, -0.4], F64))})
+        state = state.replace(
+            params={**state.params, "method": UncertaintyParams(jnp.array([0.3, -0.4], F64))}
+        )
     if name == "dwa":  # weights that are not all 1
-        state = state.replace(method_state=DWAState(jnp.array([[1.0, 2.0], [0.8, 1.0]], F64), jnp.zeros(2, F64),
-                                                    jnp.zeros((), jnp.int32), jnp.full((), 2, jnp.int32)))
+        state = state.replace(
+            method_state=DWAState(
+                jnp.array([[1.0, 2.0], [0.8, 1.0]], F64),
+                jnp.zeros(2, F64),
+                jnp.zeros((), jnp.int32),
+                jnp.full((), 2, jnp.int32),
+            )
+        )
     cheap, cheap_metrics = make_train_step(net, tasks, dgr, optimizer, method)(state, batch)
-    full, _ = make_train_step(net, tasks, dgr, optimizer, method._replace(needs_task_grads=True))(state, batch)
+    full, _ = make_train_step(net, tasks, dgr, optimizer, method._replace(needs_task_grads=True))(
+        state, batch
+    )
     chex.assert_trees_all_close(cheap.params, full.params, rtol=1e-10, atol=1e-12)
     chex.assert_trees_all_close(cheap.method_state, full.method_state)
     if name != "equal":  # the weights are not all 1, so this test can tell weighted from plain sums

@@ -59,8 +59,9 @@ def test_segmentation_by_hand():
     # confusion[target, prediction] = [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
     # IoU: class 0: 1 / (2 + 2 - 1), class 1: 1 / (2 + 2 - 1), class 2: 1 / (1 + 2 - 1) would be
     # 0.5 if the ignored pixel counted; it does not: 1 / (1 + 1 - 1) = 1.
-    state = m.update_metric_state((SEG,), m.init_metric_state((SEG,)), {"seg": logits_for(predicted, 3)},
-                                  {"seg": target})
+    state = m.update_metric_state(
+        (SEG,), m.init_metric_state((SEG,)), {"seg": logits_for(predicted, 3)}, {"seg": target}
+    )
     np.testing.assert_array_equal(state["seg"]["confusion"], [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
     assert state["seg"]["confusion"].dtype == jnp.int32
     metrics = m.compute_metrics((SEG,), state)
@@ -82,7 +83,9 @@ def test_depth_and_disparity_by_hand():
     metrics = evaluate((DEPTH,), ({"depth": prediction}, {"depth": depth}))
     assert metrics["depth/abs_err"] == pytest.approx(1.0, rel=1e-12)
     assert metrics["depth/rel_err"] == pytest.approx((1 / 2 + 0 + 2 / 2) / 3, rel=1e-12)
-    disparity = np.array([[[2.0], [-1.0]], [[0.5], [-1.0]]])[None]  # -1 = invalid: errors 1, -, 2.5, -
+    disparity = np.array([[[2.0], [-1.0]], [[0.5], [-1.0]]])[
+        None
+    ]  # -1 = invalid: errors 1, -, 2.5, -
     metrics = evaluate((DISP,), ({"disp": prediction}, {"disp": disparity}))
     assert metrics["disp/abs_err"] == pytest.approx(1.75, rel=1e-12)
     assert metrics["disp/rel_err"] == pytest.approx((1 / 2 + 2.5 / 0.5) / 2, rel=1e-12)
@@ -90,8 +93,12 @@ def test_depth_and_disparity_by_hand():
 
 def test_normals_by_hand():
     angles = [0.0, 90.0, 45.0, 10.0, 20.0]
-    prediction = np.concatenate([normals_at(angles), normals_at([60.0])])[None, None]  # (1, 1, 6, 3)
-    target = np.concatenate([normals_at([0.0] * 5), np.zeros((1, 3))])[None, None]  # last pixel invalid
+    prediction = np.concatenate([normals_at(angles), normals_at([60.0])])[
+        None, None
+    ]  # (1, 1, 6, 3)
+    target = np.concatenate([normals_at([0.0] * 5), np.zeros((1, 3))])[
+        None, None
+    ]  # last pixel invalid
     metrics = evaluate((NORMAL,), ({"normal": prediction}, {"normal": target}))
     assert metrics["normal/mean_angle"] == pytest.approx(33.0, rel=1e-12)
     assert metrics["normal/median_angle"] == pytest.approx(20.0, abs=HALF_BIN + 1e-9)
@@ -102,7 +109,9 @@ def test_normals_by_hand():
 
 def test_normal_angle_extremes_and_zero_prediction():
     target = normals_at([0.0, 0.0, 0.0])[None, None]
-    prediction = np.stack([-target[0, 0, 0], -target[0, 0, 0], np.zeros(3)])[None, None]  # 180°, 180°, zero
+    prediction = np.stack([-target[0, 0, 0], -target[0, 0, 0], np.zeros(3)])[
+        None, None
+    ]  # 180°, 180°, zero
     metrics = evaluate((NORMAL,), ({"normal": prediction}, {"normal": target}))
     assert metrics["normal/mean_angle"] == pytest.approx(150.0, rel=1e-12)  # zero prediction: 90°
     assert metrics["normal/median_angle"] == pytest.approx(180.0, abs=HALF_BIN + 1e-9)  # last bin
@@ -116,15 +125,41 @@ def test_classification_by_hand():
 
 def test_metric_keys_and_empty_set():
     metrics = m.compute_metrics(NYUV2, m.init_metric_state(NYUV2))
-    assert sorted(metrics) == sorted([
-        "seg/miou", "seg/pix_acc", "depth/abs_err", "depth/rel_err", "normal/mean_angle",
-        "normal/median_angle", "normal/within_11.25", "normal/within_22.5", "normal/within_30"])
+    assert sorted(metrics) == sorted(
+        [
+            "seg/miou",
+            "seg/pix_acc",
+            "depth/abs_err",
+            "depth/rel_err",
+            "normal/mean_angle",
+            "normal/median_angle",
+            "normal/within_11.25",
+            "normal/within_22.5",
+            "normal/within_30",
+        ]
+    )
     assert all(math.isnan(v) for v in metrics.values())  # nothing valid: NaN, not 0
-    assert sorted(m.compute_metrics(CITYSCAPES, m.init_metric_state(CITYSCAPES))) == sorted([
-        "seg/miou", "seg/pix_acc", "part_seg/miou", "part_seg/pix_acc", "disp/abs_err", "disp/rel_err"])
+    assert sorted(m.compute_metrics(CITYSCAPES, m.init_metric_state(CITYSCAPES))) == sorted(
+        [
+            "seg/miou",
+            "seg/pix_acc",
+            "part_seg/miou",
+            "part_seg/pix_acc",
+            "disp/abs_err",
+            "disp/rel_err",
+        ]
+    )
     assert [m.headline_key(t) for t in NYUV2 + CITYSCAPES + UTKFACE] == [
-        "seg/miou", "depth/abs_err", "normal/mean_angle", "seg/miou", "part_seg/miou", "disp/abs_err",
-        "age/acc", "gender/acc", "ethnicity/acc"]
+        "seg/miou",
+        "depth/abs_err",
+        "normal/mean_angle",
+        "seg/miou",
+        "part_seg/miou",
+        "disp/abs_err",
+        "age/acc",
+        "gender/acc",
+        "ethnicity/acc",
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -142,8 +177,11 @@ def random_scene_batch(rng, batch, height=5, width=7, dtype=np.float64):
     normal[rng.random((batch, height, width)) < 0.2] = 0.0
     prediction_normal = normal + 0.6 * rng.normal(size=normal.shape)
     prediction_normal /= np.linalg.norm(prediction_normal, axis=-1, keepdims=True)
-    outputs = {"seg": rng.normal(size=(batch, height, width, classes)),
-               "depth": depth + rng.normal(size=depth.shape), "normal": prediction_normal}
+    outputs = {
+        "seg": rng.normal(size=(batch, height, width, classes)),
+        "depth": depth + rng.normal(size=depth.shape),
+        "normal": prediction_normal,
+    }
     targets = {"seg": labels, "depth": depth, "normal": normal, "image": np.zeros((batch, 1))}
     cast = lambda tree: {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in tree.items()}
     return cast(outputs), cast(targets)
@@ -157,8 +195,11 @@ def brute_force(outputs, targets):
     keep = labels != -1
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (labels[keep], predicted[keep]), 1)
-    iou = [confusion[c, c] / (confusion[c].sum() + confusion[:, c].sum() - confusion[c, c])
-           for c in range(classes) if confusion[c].sum() + confusion[:, c].sum() > 0]
+    iou = [
+        confusion[c, c] / (confusion[c].sum() + confusion[:, c].sum() - confusion[c, c])
+        for c in range(classes)
+        if confusion[c].sum() + confusion[:, c].sum() > 0
+    ]
     gt, pred = targets["depth"].ravel().astype(np.float64), out["depth"].ravel()
     valid = gt != 0
     error = np.abs(pred[valid] - gt[valid])
@@ -166,15 +207,23 @@ def brute_force(outputs, targets):
     valid_normal = np.any(normal != 0, axis=-1)
     cosine = np.sum(out["normal"].reshape(-1, 3)[valid_normal] * normal[valid_normal], axis=-1)
     angle = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
-    return {"seg/miou": np.mean(iou), "seg/pix_acc": np.trace(confusion) / confusion.sum(),
-            "depth/abs_err": error.mean(), "depth/rel_err": np.mean(error / gt[valid]),
-            "normal/mean_angle": angle.mean(), "normal/median_angle": np.median(angle),
-            "normal/within_11.25": np.mean(angle < 11.25), "normal/within_22.5": np.mean(angle < 22.5),
-            "normal/within_30": np.mean(angle < 30)}
+    return {
+        "seg/miou": np.mean(iou),
+        "seg/pix_acc": np.trace(confusion) / confusion.sum(),
+        "depth/abs_err": error.mean(),
+        "depth/rel_err": np.mean(error / gt[valid]),
+        "normal/mean_angle": angle.mean(),
+        "normal/median_angle": np.median(angle),
+        "normal/within_11.25": np.mean(angle < 11.25),
+        "normal/within_22.5": np.mean(angle < 22.5),
+        "normal/within_30": np.mean(angle < 30),
+    }
 
 
 def concatenate(batches):
-    return tuple({k: np.concatenate([b[i][k] for b in batches]) for k in batches[0][i]} for i in range(2))
+    return tuple(
+        {k: np.concatenate([b[i][k] for b in batches]) for k in batches[0][i]} for i in range(2)
+    )
 
 
 def assert_metrics_close(actual, expected, rtol):
@@ -198,12 +247,20 @@ def test_random_set_matches_brute_force_and_accumulates_exactly():
     state_whole = jitted_update(SCENE_TASKS)(m.init_metric_state(SCENE_TASKS), *whole)
 
     def whole_set_statistics(state):  # the paper's per-batch means depend on the batches by design
-        return {task: {k: v for k, v in stats.items() if not k.startswith("batch_")} for task, stats in state.items()}
+        return {
+            task: {k: v for k, v in stats.items() if not k.startswith("batch_")}
+            for task, stats in state.items()
+        }
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0),
-                 whole_set_statistics(state_parts), whole_set_statistics(state_whole))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=0),
+        whole_set_statistics(state_parts),
+        whole_set_statistics(state_whole),
+    )
     np.testing.assert_array_equal(state_parts["seg"]["confusion"], state_whole["seg"]["confusion"])
-    np.testing.assert_array_equal(state_parts["normal"]["histogram"], state_whole["normal"]["histogram"])
+    np.testing.assert_array_equal(
+        state_parts["normal"]["histogram"], state_whole["normal"]["histogram"]
+    )
     assert m.compute_metrics(SCENE_TASKS, state_whole) == pytest.approx(accumulated, rel=1e-12)
 
 
@@ -223,14 +280,18 @@ def test_merge_equals_accumulating_everything():
 def test_whole_set_statistics_are_not_batch_averages():
     # Batch 1: one valid pixel, wrong by 1 / correct; batch 2: four valid pixels, exact / wrong.
     # Whole set: 1/5; the mean of the two batch metrics would be 1/2.
-    depth_batches = [({"depth": np.array([[[[2.0], [9.0]]]])}, {"depth": np.array([[[[1.0], [0.0]]]])}),
-                     ({"depth": np.full((1, 2, 2, 1), 3.0)}, {"depth": np.full((1, 2, 2, 1), 3.0)})]
+    depth_batches = [
+        ({"depth": np.array([[[[2.0], [9.0]]]])}, {"depth": np.array([[[[1.0], [0.0]]]])}),
+        ({"depth": np.full((1, 2, 2, 1), 3.0)}, {"depth": np.full((1, 2, 2, 1), 3.0)}),
+    ]
     whole = evaluate((DEPTH,), *depth_batches)["depth/abs_err"]
     per_batch = [evaluate((DEPTH,), b)["depth/abs_err"] for b in depth_batches]
     assert whole == pytest.approx(1 / 5, rel=1e-12)
     assert np.mean(per_batch) == pytest.approx(1 / 2, rel=1e-12)
-    seg_batches = [({"seg": logits_for([[[1, 2]]], 3)}, {"seg": np.array([[[1, -1]]])}),
-                   ({"seg": logits_for([[[0, 0, 0, 0]]], 3)}, {"seg": np.array([[[2, 2, 2, 2]]])})]
+    seg_batches = [
+        ({"seg": logits_for([[[1, 2]]], 3)}, {"seg": np.array([[[1, -1]]])}),
+        ({"seg": logits_for([[[0, 0, 0, 0]]], 3)}, {"seg": np.array([[[2, 2, 2, 2]]])}),
+    ]
     whole = evaluate((SEG,), *seg_batches)
     per_batch = [evaluate((SEG,), b) for b in seg_batches]
     assert whole["seg/pix_acc"] == pytest.approx(1 / 5, rel=1e-12)
@@ -257,18 +318,30 @@ def test_update_under_jit_in_float32_compiles_once():
         eager = update(eager, outputs, targets)
     assert len(traces) == 1 + len(batches)  # one trace for jit, the rest eager
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state, eager)
-    assert_metrics_close(m.compute_metrics(SCENE_TASKS, state), brute_force(*concatenate(batches)), rtol=1e-5)
+    assert_metrics_close(
+        m.compute_metrics(SCENE_TASKS, state), brute_force(*concatenate(batches)), rtol=1e-5
+    )
 
 
 def test_invalid_inputs_raise():
     with pytest.raises(ValueError, match="prediction shape"):
-        m.update_metric_state((DEPTH,), m.init_metric_state((DEPTH,)), {"depth": np.zeros((2, 4, 4))},
-                              {"depth": np.zeros((2, 4, 4, 1))})
+        m.update_metric_state(
+            (DEPTH,),
+            m.init_metric_state((DEPTH,)),
+            {"depth": np.zeros((2, 4, 4))},
+            {"depth": np.zeros((2, 4, 4, 1))},
+        )
     with pytest.raises(ValueError, match="outputs has no entry for task 'seg'"):
-        m.update_metric_state((SEG,), m.init_metric_state((SEG,)), {}, {"seg": np.zeros((1, 2, 2), int)})
+        m.update_metric_state(
+            (SEG,), m.init_metric_state((SEG,)), {}, {"seg": np.zeros((1, 2, 2), int)}
+        )
     # A label that is neither ignored nor a class (e.g. 255 left unmapped) is not silently dropped.
-    state = m.update_metric_state((SEG,), m.init_metric_state((SEG,)), {"seg": logits_for([[[0, 1]]], 3)},
-                                  {"seg": np.array([[[0, 255]]])})
+    state = m.update_metric_state(
+        (SEG,),
+        m.init_metric_state((SEG,)),
+        {"seg": logits_for([[[0, 1]]], 3)},
+        {"seg": np.array([[[0, 255]]])},
+    )
     with pytest.raises(ValueError, match=r"1 labels outside \[0, 3\)"):
         m.compute_metrics((SEG,), state)
 
@@ -288,16 +361,31 @@ def test_delta_m_by_hand_and_over_a_subset():
 
 def scene_cases():
     for dataset in ("nyuv2", "cityscapes", "utkface"):
-        for network in ((None,) if dataset == "utkface" else ("split", "mtan")):
+        for network in (None,) if dataset == "utkface" else ("split", "mtan"):
             for method in tables.paper_rows(dataset, network):
                 yield dataset, network, method
 
 
 # NYUv2 MTAN rows whose printed Δm does not follow from their own printed metrics and
 # the Single row (more than the ±0.02% that rounding can explain); see the report.
-NOT_REPRODUCED = {("nyuv2", "mtan", name) for name in (
-    "Vanilla", "Vanilla + Ours", "DWA", "DWA + Ours", "Uncertainty + Ours", "Auto-λ", "Auto-λ + Ours",
-    "PCGrad", "PCGrad + Ours", "CAGrad", "IMTL", "IMTL + Ours", "Nash-MTL + Ours")}
+NOT_REPRODUCED = {
+    ("nyuv2", "mtan", name)
+    for name in (
+        "Vanilla",
+        "Vanilla + Ours",
+        "DWA",
+        "DWA + Ours",
+        "Uncertainty + Ours",
+        "Auto-λ",
+        "Auto-λ + Ours",
+        "PCGrad",
+        "PCGrad + Ours",
+        "CAGrad",
+        "IMTL",
+        "IMTL + Ours",
+        "Nash-MTL + Ours",
+    )
+}
 
 
 def test_paper_delta_m_reproduces_from_each_row(report):
@@ -307,40 +395,85 @@ def test_paper_delta_m_reproduces_from_each_row(report):
         ours = m.delta_m(row, tables.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset])
         if abs(ours - row["delta_m"]) > 2e-4:
             mismatches.append((dataset, network, method))
-            report(f"paper Δm not reproduced: {dataset} {network} {method}: printed {row['delta_m']:+.2%}, "
-                   f"from its metrics {ours:+.2%}")
+            report(
+                f"paper Δm not reproduced: {dataset} {network} {method}: printed {row['delta_m']:+.2%}, "
+                f"from its metrics {ours:+.2%}"
+            )
     assert set(mismatches) == NOT_REPRODUCED
 
 
-@pytest.mark.parametrize("dataset,network,method,printed", [
-    ("nyuv2", "split", "Vanilla", 0.0632), ("nyuv2", "split", "Vanilla + Ours", 0.0826),
-    ("utkface", None, "Vanilla", 0.0266), ("cityscapes", "split", "Vanilla", 0.0335),
-    ("cityscapes", "mtan", "CAGrad + Ours", 0.0714), ("nyuv2", "mtan", "CAGrad + Ours", 0.1156)])
+@pytest.mark.parametrize(
+    "dataset,network,method,printed",
+    [
+        ("nyuv2", "split", "Vanilla", 0.0632),
+        ("nyuv2", "split", "Vanilla + Ours", 0.0826),
+        ("utkface", None, "Vanilla", 0.0266),
+        ("cityscapes", "split", "Vanilla", 0.0335),
+        ("cityscapes", "mtan", "CAGrad + Ours", 0.0714),
+        ("nyuv2", "mtan", "CAGrad + Ours", 0.1156),
+    ],
+)
 def test_delta_m_matches_printed_rows(dataset, network, method, printed):
     row = tables.paper_rows(dataset, network)[method]
     assert row["delta_m"] == printed
-    assert m.delta_m(row, tables.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset]) == pytest.approx(printed, abs=2e-4)
+    assert m.delta_m(row, tables.PAPER_SINGLE_TASK[dataset], PAPER_TASKS[dataset]) == pytest.approx(
+        printed, abs=2e-4
+    )
 
 
 def test_paper_rows_transcription():
     assert tables.paper_rows("nyuv2", "split")["Vanilla"] == pytest.approx(
-        {"normal/mean_angle": 24.19, "seg/miou": 0.4602, "depth/abs_err": 0.4136, "delta_m": 0.0632}, abs=1e-12)
+        {
+            "normal/mean_angle": 24.19,
+            "seg/miou": 0.4602,
+            "depth/abs_err": 0.4136,
+            "delta_m": 0.0632,
+        },
+        abs=1e-12,
+    )
     assert tables.paper_rows("nyuv2", "mtan")["IMTL + Ours"] == pytest.approx(
-        {"normal/mean_angle": 22.39, "seg/miou": 0.5004, "depth/abs_err": 0.3818, "delta_m": 0.1442}, abs=1e-12)
+        {
+            "normal/mean_angle": 22.39,
+            "seg/miou": 0.5004,
+            "depth/abs_err": 0.3818,
+            "delta_m": 0.1442,
+        },
+        abs=1e-12,
+    )
     assert tables.paper_rows("cityscapes", "mtan")["Uncertainty + Ours"] == pytest.approx(
-        {"seg/miou": 0.5659, "part_seg/miou": 0.5510, "disp/abs_err": 0.75, "delta_m": 0.0529}, abs=1e-12)
+        {"seg/miou": 0.5659, "part_seg/miou": 0.5510, "disp/abs_err": 0.75, "delta_m": 0.0529},
+        abs=1e-12,
+    )
     assert tables.paper_rows("cityscapes", "split")["PCGrad"] == pytest.approx(
-        {"seg/miou": 0.5540, "part_seg/miou": 0.5253, "disp/abs_err": 0.72, "delta_m": 0.0415}, abs=1e-12)
+        {"seg/miou": 0.5540, "part_seg/miou": 0.5253, "disp/abs_err": 0.72, "delta_m": 0.0415},
+        abs=1e-12,
+    )
     assert tables.paper_rows("utkface")["Nash-MTL + Ours"] == pytest.approx(
-        {"age/acc": 0.5545, "gender/acc": 0.9063, "ethnicity/acc": 0.8055, "delta_m": 0.0377}, abs=1e-12)
-    methods = ["Single"] + [f"{base}{dgr}" for base in ("Vanilla", "DWA", "Uncertainty", "Auto-λ", "PCGrad",
-                                                         "CAGrad", "IMTL", "Nash-MTL") for dgr in ("", " + Ours")]
+        {"age/acc": 0.5545, "gender/acc": 0.9063, "ethnicity/acc": 0.8055, "delta_m": 0.0377},
+        abs=1e-12,
+    )
+    methods = ["Single"] + [
+        f"{base}{dgr}"
+        for base in (
+            "Vanilla",
+            "DWA",
+            "Uncertainty",
+            "Auto-λ",
+            "PCGrad",
+            "CAGrad",
+            "IMTL",
+            "Nash-MTL",
+        )
+        for dgr in ("", " + Ours")
+    ]
     for dataset, tasks in PAPER_TASKS.items():
-        for network in ((None,) if dataset == "utkface" else ("split", "mtan")):
+        for network in (None,) if dataset == "utkface" else ("split", "mtan"):
             rows = tables.paper_rows(dataset, network)
             assert list(rows) == methods
-            assert all(sorted(row) == sorted([m.headline_key(t) for t in tasks] + ["delta_m"])
-                       for row in rows.values())
+            assert all(
+                sorted(row) == sorted([m.headline_key(t) for t in tasks] + ["delta_m"])
+                for row in rows.values()
+            )
             assert rows["Single"] == {**tables.PAPER_SINGLE_TASK[dataset], "delta_m": 0.0}
     rows = tables.paper_rows("nyuv2", "split")
     rows["Vanilla"]["seg/miou"] = 1.0  # a copy: the module's table is untouched
@@ -360,14 +493,21 @@ def test_paper_method_names():
 
 def test_reference_validation():
     for dataset, tasks in PAPER_TASKS.items():
-        assert m.load_reference(tables.PAPER_SINGLE_TASK[dataset], tasks) == tables.PAPER_SINGLE_TASK[dataset]
-    assert m.load_reference({"seg/miou": "0.5", "extra/metric": 1.0}, NYUV2[:1]) == {"seg/miou": 0.5}
+        assert (
+            m.load_reference(tables.PAPER_SINGLE_TASK[dataset], tasks)
+            == tables.PAPER_SINGLE_TASK[dataset]
+        )
+    assert m.load_reference({"seg/miou": "0.5", "extra/metric": 1.0}, NYUV2[:1]) == {
+        "seg/miou": 0.5
+    }
     reference = {"seg/miou": 0.43, "normal/mean_angle": 22.4}
     with pytest.raises(ValueError, match="missing 'depth/abs_err'") as error:
         m.load_reference(reference, NYUV2)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="missing 'depth/abs_err'"):
-        m.delta_m({"seg/miou": 0.5, "depth/abs_err": 0.4, "normal/mean_angle": 20.0}, reference, NYUV2)
+        m.delta_m(
+            {"seg/miou": 0.5, "depth/abs_err": 0.4, "normal/mean_angle": 20.0}, reference, NYUV2
+        )
     with pytest.raises(ValueError, match="'seg/miou' must be a number"):
         m.load_reference({"seg/miou": [0.4]}, NYUV2[:1])
     with pytest.raises(ValueError, match="'seg/miou' must be finite and non-zero"):
@@ -418,10 +558,18 @@ def test_both_conventions_on_a_three_batch_hand_example():
             prediction_n = prediction_n.copy()
             prediction_n[zero_at] = -odd  # 180 degrees where we count it
         depth_error, depth_target = depth_batches[i]
-        outputs = {"seg": logits_for(seg_predicted[i], 3)[:, None], "depth": (depth_target + depth_error)[:, None, :, None],
-                   "normal": prediction_n[:, None], "age": logits_for(age_predicted[i], 4)}
-        targets = {"seg": seg_targets[i][:, None], "depth": depth_target[:, None, :, None],
-                   "normal": target_n[:, None], "age": age_targets[i]}
+        outputs = {
+            "seg": logits_for(seg_predicted[i], 3)[:, None],
+            "depth": (depth_target + depth_error)[:, None, :, None],
+            "normal": prediction_n[:, None],
+            "age": logits_for(age_predicted[i], 4),
+        }
+        targets = {
+            "seg": seg_targets[i][:, None],
+            "depth": depth_target[:, None, :, None],
+            "normal": target_n[:, None],
+            "age": age_targets[i],
+        }
         batches.append((outputs, targets))
     state = m.init_metric_state(tasks)
     for outputs, targets in batches:
@@ -443,7 +591,9 @@ def test_both_conventions_on_a_three_batch_hand_example():
     # (arccos of the rounded -1 is 1.2e-6 degrees short of 180.)
     assert ours["normal/mean_angle"] == pytest.approx(54.0, rel=1e-7)
     # Original: batch means 150/4, 30/3 (the odd pixel is invalid), 180/2.
-    assert paper["normal/mean_angle"] == pytest.approx(running_mean([37.5, 10.0, 90.0], sizes), rel=1e-12)
+    assert paper["normal/mean_angle"] == pytest.approx(
+        running_mean([37.5, 10.0, 90.0], sizes), rel=1e-12
+    )
     assert ours["age/acc"] == pytest.approx(3 / 5, rel=1e-12)
     assert paper["age/acc"] == pytest.approx(running_mean([1.0, 0.5, 0.0], sizes), rel=1e-12)
     # Segmentation: the confusion matrix is whole-set in both. Class 2 is predicted once
@@ -455,7 +605,12 @@ def test_both_conventions_on_a_three_batch_hand_example():
     assert ours["seg/miou"] == pytest.approx(0.5, rel=1e-12)
     assert math.isnan(paper["seg/miou"])
     # With every class present both use the same mean.
-    full = m.update_metric_state((SEG,), m.init_metric_state((SEG,)), {"seg": logits_for([[0, 1, 2, 2]], 3)},
-                                 {"seg": np.array([[0, 1, 2, 1]])})
+    full = m.update_metric_state(
+        (SEG,),
+        m.init_metric_state((SEG,)),
+        {"seg": logits_for([[0, 1, 2, 2]], 3)},
+        {"seg": np.array([[0, 1, 2, 1]])},
+    )
     assert m.compute_paper_metrics((SEG,), full)["seg/miou"] == pytest.approx(
-        m.compute_metrics((SEG,), full)["seg/miou"], rel=1e-12)
+        m.compute_metrics((SEG,), full)["seg/miou"], rel=1e-12
+    )

@@ -48,7 +48,12 @@ def bottleneck_params(c_in, planes):
 
 
 def basic_params(c_in, planes, stride):
-    n = conv_params(c_in, planes, 3) + bn_params(planes) + conv_params(planes, planes, 3) + bn_params(planes)
+    n = (
+        conv_params(c_in, planes, 3)
+        + bn_params(planes)
+        + conv_params(planes, planes, 3)
+        + bn_params(planes)
+    )
     if stride != 1 or c_in != planes:
         n += conv_params(c_in, planes, 1) + bn_params(planes)
     return n
@@ -86,8 +91,12 @@ def mtan_extra_params(base, stage_sizes, num_tasks):
     for i in range(4):
         c_in = before_last[i] + (out[i] if i else 0)
         hidden = out[i] // 4
-        n += num_tasks * (conv_params(c_in, hidden, 1, True) + bn_params(hidden)
-                          + conv_params(hidden, out[i], 1, True) + bn_params(out[i]))
+        n += num_tasks * (
+            conv_params(c_in, hidden, 1, True)
+            + bn_params(hidden)
+            + conv_params(hidden, out[i], 1, True)
+            + bn_params(out[i])
+        )
     for i in range(3):
         n += bottleneck_params(out[i], out[i + 1] // 4)
     return n
@@ -95,16 +104,31 @@ def mtan_extra_params(base, stage_sizes, num_tasks):
 
 def test_full_size_resnets_match_torchvision_totals():
     # torchvision's published totals minus the 1000-way fc layer.
-    published = {18: 11_689_512 - 513_000, 34: 21_797_672 - 513_000,
-                 50: 25_557_032 - 2_049_000, 101: 44_549_160 - 2_049_000}
+    published = {
+        18: 11_689_512 - 513_000,
+        34: 21_797_672 - 513_000,
+        50: 25_557_032 - 2_049_000,
+        101: 44_549_160 - 2_049_000,
+    }
     for depth, expected in published.items():
         for output_stride in (8, 32):
             model = ResNet(depth, output_stride)
-            shapes = jax.eval_shape(lambda k, x, model=model: model.init(k, x, train=False), jax.random.PRNGKey(0),
-                                    jnp.zeros((1, 64, 64, 3)))
+            shapes = jax.eval_shape(
+                lambda k, x, model=model: model.init(k, x, train=False),
+                jax.random.PRNGKey(0),
+                jnp.zeros((1, 64, 64, 3)),
+            )
             assert count_params(shapes["params"]) == expected, (depth, output_stride)
-            assert resnet_params(depth, 64, {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
-                                             101: (3, 4, 23, 3)}[depth]) == expected
+            assert (
+                resnet_params(
+                    depth,
+                    64,
+                    {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[
+                        depth
+                    ],
+                )
+                == expected
+            )
 
 
 def test_full_size_deeplab_head_matches_torchvision_deeplabv3_resnet50():
@@ -112,15 +136,20 @@ def test_full_size_deeplab_head_matches_torchvision_deeplabv3_resnet50():
     # = backbone + DeepLabHead(2048, 21) + FCNHead(1024, 21) (3x3 conv 256, BN, 1x1 conv).
     net = build_model(ModelConfig(network="split"), ())
     heads = type(net.heads)((("seg", 21),), (), False)
-    shapes = jax.eval_shape(lambda k, z: heads.init(k, z, (64, 64), train=False), jax.random.PRNGKey(0),
-                            jnp.zeros((1, 8, 8, 2048)))
+    shapes = jax.eval_shape(
+        lambda k, z: heads.init(k, z, (64, 64), train=False),
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, 8, 8, 2048)),
+    )
     fcn_aux = conv_params(1024, 256, 3) + bn_params(256) + conv_params(256, 21, 1, True)
     assert 23_508_032 + count_params(shapes["params"]) + fcn_aux == 42_004_074
     assert count_params(shapes["params"]) == deeplab_head_params(2048, 256, 21)
 
 
-@pytest.mark.parametrize("network, tasks", [("split", NYUV2), ("split", CITYSCAPES),
-                                            ("mtan", NYUV2), ("mtan", CITYSCAPES)])
+@pytest.mark.parametrize(
+    "network, tasks",
+    [("split", NYUV2), ("split", CITYSCAPES), ("mtan", NYUV2), ("mtan", CITYSCAPES)],
+)
 def test_reduced_width_scene_counts_and_shapes(network, tasks):
     net = build_model(ModelConfig(network=network, **TINY), tasks)
     images = jnp.zeros((2, 40, 56, 3), jnp.float32)
@@ -131,7 +160,8 @@ def test_reduced_width_scene_counts_and_shapes(network, tasks):
         encoder += mtan_extra_params(4, TINY["stage_sizes"], len(tasks))
     assert count_params(variables["params"]["encoder"]) == encoder
     assert count_params(variables["params"]["heads"]) == sum(
-        deeplab_head_params(128, 8, t.channels) for t in tasks)
+        deeplab_head_params(128, 8, t.channels) for t in tasks
+    )
     feature_list = list(features.values()) if network == "mtan" else [features]
     assert all(f.shape == (2, 5, 7, 128) for f in feature_list)  # output stride 8
     for task in tasks:
@@ -144,7 +174,11 @@ def test_classifier_counts_and_shapes():
     variables = net.init(jax.random.PRNGKey(0), images, train=False)
     features, outputs = net.apply(variables, images, train=False)
     assert features.shape == (3, 128)
-    assert {k: v.shape for k, v in outputs.items()} == {"age": (3, 7), "gender": (3, 2), "ethnicity": (3, 5)}
+    assert {k: v.shape for k, v in outputs.items()} == {
+        "age": (3, 7),
+        "gender": (3, 2),
+        "ethnicity": (3, 5),
+    }
     heads = sum(128 * 64 + 64 + 64 * t.channels + t.channels for t in UTKFACE)
     assert count_params(variables["params"]["heads"]) == heads
     assert count_params(variables["params"]["encoder"]) == resnet_params(50, 4, TINY["stage_sizes"])
@@ -177,12 +211,18 @@ def reference_align_corners(x, out_h, out_w):
         y0, x0 = int(np.floor(src_y)), int(np.floor(src_x))
         y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
         dy, dx = src_y - y0, src_x - x0
-        out[:, i, j] = ((1 - dy) * (1 - dx) * x[:, y0, x0] + (1 - dy) * dx * x[:, y0, x1]
-                        + dy * (1 - dx) * x[:, y1, x0] + dy * dx * x[:, y1, x1])
+        out[:, i, j] = (
+            (1 - dy) * (1 - dx) * x[:, y0, x0]
+            + (1 - dy) * dx * x[:, y0, x1]
+            + dy * (1 - dx) * x[:, y1, x0]
+            + dy * dx * x[:, y1, x1]
+        )
     return out
 
 
-@pytest.mark.parametrize("in_size, out_size", [((3, 5), (9, 17)), ((4, 4), (7, 3)), ((1, 3), (5, 6))])
+@pytest.mark.parametrize(
+    "in_size, out_size", [((3, 5), (9, 17)), ((4, 4), (7, 3)), ((1, 3), (5, 6))]
+)
 def test_bilinear_align_corners_matches_pixelwise_reference(in_size, out_size):
     x = np.random.default_rng(0).normal(size=(2, *in_size, 3))
     y = bilinear_resize_align_corners(jnp.asarray(x), out_size)
@@ -206,7 +246,9 @@ def reference_dilated_conv(x, kernel, dilation):
     return out
 
 
-@pytest.mark.parametrize("size, dilation", [((12, 16), 12), ((12, 16), 36), ((5, 9), 4), ((6, 6), 1), ((1, 1), 2)])
+@pytest.mark.parametrize(
+    "size, dilation", [((12, 16), 12), ((12, 16), 36), ((5, 9), 4), ((6, 6), 1), ((1, 1), 2)]
+)
 def test_trimmed_conv_equals_full_dilated_conv_with_gradients(size, dilation):
     # ASPP taps that can only meet zero padding are skipped; value and every gradient
     # (zero for the skipped taps) must equal the full convolution's.
@@ -215,11 +257,16 @@ def test_trimmed_conv_equals_full_dilated_conv_with_gradients(size, dilation):
     conv = TrimmedConv(4, 3, dilation=dilation, use_bias=True, param_dtype=jnp.float64)
     params = conv.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
     kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
-    np.testing.assert_allclose(conv.apply({"params": params}, jnp.asarray(x)),
-                               reference_dilated_conv(x, kernel, dilation) + bias, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        conv.apply({"params": params}, jnp.asarray(x)),
+        reference_dilated_conv(x, kernel, dilation) + bias,
+        rtol=1e-10,
+        atol=1e-10,
+    )
     weights = rng.normal(size=(2, *size, 4))
-    grads = jax.grad(lambda p, xx: jnp.sum(weights * conv.apply({"params": p}, xx)), argnums=(0, 1))(
-        params, jnp.asarray(x))
+    grads = jax.grad(
+        lambda p, xx: jnp.sum(weights * conv.apply({"params": p}, xx)), argnums=(0, 1)
+    )(params, jnp.asarray(x))
     # The function is linear in kernel and x, so gradients follow from the reference by
     # unit perturbations: d/dkernel[a,b,i,o] = sum(weights * conv(x, e_abio)).
     grad_kernel = np.zeros_like(kernel)
@@ -230,7 +277,9 @@ def test_trimmed_conv_equals_full_dilated_conv_with_gradients(size, dilation):
     np.testing.assert_allclose(grads[0]["kernel"], grad_kernel, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(grads[0]["bias"], weights.sum(axis=(0, 1, 2)), rtol=1e-10)
     flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # adjoint of a 'same' conv
-    np.testing.assert_allclose(grads[1], reference_dilated_conv(weights, flipped, dilation), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        grads[1], reference_dilated_conv(weights, flipped, dilation), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_normal_outputs_are_unit_vectors_and_others_are_not():
@@ -284,15 +333,21 @@ def test_penalty_on_features_equals_penalty_on_full_model(tiny_scene):
     batch_stats = variables["batch_stats"]["encoder"]
 
     def encode(encoder_params):
-        features, _ = net.encoder.apply({"params": encoder_params, "batch_stats": batch_stats},
-                                        images, train=True, mutable=["batch_stats"])
+        features, _ = net.encoder.apply(
+            {"params": encoder_params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return features
 
     def via_features(encoder_params):
         return heads_penalty(apply_heads, dummy, encode(encoder_params), targets, losses)
 
     def full_model_loss(dummy_params, encoder_params):
-        return multitask_dummy_loss(apply_heads, losses)(dummy_params, encode(encoder_params), targets)
+        return multitask_dummy_loss(apply_heads, losses)(
+            dummy_params, encode(encoder_params), targets
+        )
 
     def via_full_model(encoder_params):
         return dgr_penalty(full_model_loss, dummy, encoder_params, stacked=True)
@@ -321,7 +376,9 @@ def numpy_conv(x, kernel, dilation=1, bias=None):
     out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
     for i in range(k):
         for j in range(k):
-            window = padded[:, i * dilation:i * dilation + height, j * dilation:j * dilation + width]
+            window = padded[
+                :, i * dilation : i * dilation + height, j * dilation : j * dilation + width
+            ]
             out += np.einsum("nhwc,co->nhwo", window, kernel[i, j])
     return out if bias is None else out + bias
 
@@ -333,7 +390,11 @@ def numpy_batch_norm_train(x, params, eps=1e-5):
     mean, var = x.mean(axis=axes), x.var(axis=axes)
     n = x.size // x.shape[-1]
     running_var = 0.9 * 1.0 + 0.1 * var * n / (n - 1)
-    return (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"], 0.1 * mean, running_var
+    return (
+        (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"],
+        0.1 * mean,
+        running_var,
+    )
 
 
 def numpy_deeplab_head(x, p, rates):
@@ -342,8 +403,9 @@ def numpy_deeplab_head(x, p, rates):
     stats = {}
 
     def conv_bn_relu(inputs, kernel, name, dilation=1):
-        y, mean, var = numpy_batch_norm_train(numpy_conv(inputs, p[f"{name}_conv"]["kernel"], dilation),
-                                              p[f"{name}_bn"])
+        y, mean, var = numpy_batch_norm_train(
+            numpy_conv(inputs, p[f"{name}_conv"]["kernel"], dilation), p[f"{name}_bn"]
+        )
         stats[f"{name}_bn"] = {"mean": mean, "var": var}
         return np.maximum(y, 0.0)
 
@@ -367,19 +429,31 @@ def test_deeplab_head_in_training_mode_equals_the_original_head_without_dropout(
     want, want_stats = numpy_deeplab_head(x, params, rates)
     outputs = []
     for seed in (1, 2):  # a dropout would draw from these keys
-        out, updates = head.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"],
-                                  rngs={"dropout": jax.random.PRNGKey(seed)})
+        out, updates = head.apply(
+            variables,
+            jnp.asarray(x),
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(seed)},
+        )
         outputs.append(np.asarray(out))
     np.testing.assert_allclose(outputs[0], want, rtol=1e-9, atol=1e-10)
     np.testing.assert_array_equal(outputs[0], outputs[1])
     for name, stats in want_stats.items():  # the pooling branch reduces over n = 4 only: 4/3
         # (running statistics are stored in float32: 0.9 * 1.0 rounds at 3e-8)
         np.testing.assert_allclose(updates["batch_stats"][name]["var"], stats["var"], rtol=1e-7)
-        np.testing.assert_allclose(updates["batch_stats"][name]["mean"], stats["mean"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            updates["batch_stats"][name]["mean"], stats["mean"], rtol=1e-9, atol=1e-12
+        )
     # torchvision's dropout stays available as an option, and is then active in training.
     dropped = DeepLabHead(num_outputs=5, width=6, rates=rates, dropout_rate=0.5)
-    out_a = dropped.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"],
-                          rngs={"dropout": jax.random.PRNGKey(1)})[0]
+    out_a = dropped.apply(
+        variables,
+        jnp.asarray(x),
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(1)},
+    )[0]
     assert not np.allclose(out_a, want)
 
 
@@ -387,7 +461,9 @@ def test_deeplab_head_in_training_mode_equals_the_original_head_without_dropout(
 def test_batch_norm_running_variance_unbiased_as_torch_or_biased_as_flax(unbiased):
     from dgr_jax.models.batch_norm import BatchNorm
 
-    x = np.random.default_rng(3).normal(2.0, 0.5, size=(4, 1, 1, 3))  # ASPP pooling: n = 4 per channel
+    x = np.random.default_rng(3).normal(
+        2.0, 0.5, size=(4, 1, 1, 3)
+    )  # ASPP pooling: n = 4 per channel
     layer = BatchNorm(unbiased_running_var=unbiased)
     variables = layer.init(jax.random.PRNGKey(0), jnp.asarray(x))
     y, updates = layer.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
@@ -395,8 +471,13 @@ def test_batch_norm_running_variance_unbiased_as_torch_or_biased_as_flax(unbiase
     np.testing.assert_allclose(y, (x - x.mean(axis=(0, 1, 2))) / np.sqrt(var + 1e-5), rtol=1e-10)
     factor = 4 / 3 if unbiased else 1.0
     np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * factor * var, rtol=1e-7)
-    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["mean"], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-12
+    )
     # Evaluation normalises with the running statistics.
     evaluated = BatchNorm(use_running_average=True).apply({**variables, **updates}, jnp.asarray(x))
-    np.testing.assert_allclose(evaluated, (x - 0.1 * x.mean(axis=(0, 1, 2))) / np.sqrt(
-        0.9 + 0.1 * factor * var + 1e-5), rtol=1e-7)
+    np.testing.assert_allclose(
+        evaluated,
+        (x - 0.1 * x.mean(axis=(0, 1, 2))) / np.sqrt(0.9 + 0.1 * factor * var + 1e-5),
+        rtol=1e-7,
+    )

@@ -19,7 +19,9 @@ def test_source_split_is_fixed_disjoint_80_20():
     assert set(DIGITS.target[test]) == set(range(10))
 
 
-@pytest.mark.parametrize("split,n,height,width", [("train", 400, 12, 24), ("test", 300, 12, 24), ("test", 50, 16, 40)])
+@pytest.mark.parametrize(
+    "split,n,height,width", [("train", 400, 12, 24), ("test", 300, 12, 24), ("test", 50, 16, 40)]
+)
 def test_pairs_rebuilt_from_their_source_digits(split, n, height, width):
     pairs = multidigits.build_pairs(split, num_pairs=n, seed=1, height=height, width=width)
     image = pairs["image"]
@@ -39,8 +41,8 @@ def test_pairs_rebuilt_from_their_source_digits(split, n, height, width):
             assert first_col <= col and col + 8 <= first_col + half
             assert abs(row - centre_row) <= 2 and abs(col - first_col - centre_col) <= 2
             digit = DIGITS.images[pairs[f"{key}_index"][i]] / 16.0
-            np.testing.assert_allclose(image[i, row:row + 8, col:col + 8, 0], digit, atol=1e-7)
-            rest[row:row + 8, col:col + 8] = 0.0
+            np.testing.assert_allclose(image[i, row : row + 8, col : col + 8, 0], digit, atol=1e-7)
+            rest[row : row + 8, col : col + 8] = 0.0
         assert not rest.any()  # nothing else on the canvas
     jitter = pairs["left_pos"] - [centre_row, centre_col]
     assert set(np.unique(jitter)) == {-2, -1, 0, 1, 2}  # all offsets used
@@ -75,15 +77,24 @@ def test_batches_shapes_scaling_and_labels():
     image = np.concatenate([b["image"] for b in batches])
     np.testing.assert_allclose(image, pairs["image"] * 2 - 1, atol=1e-6)
     assert image.min() == -1.0 and image.max() == 1.0
-    np.testing.assert_array_equal(np.concatenate([b["left"] for b in batches]), DIGITS.target[pairs["left_index"]])
+    np.testing.assert_array_equal(
+        np.concatenate([b["left"] for b in batches]), DIGITS.target[pairs["left_index"]]
+    )
 
-    train = multidigits.make_dataset(None, "train", 64, num_pairs=200)  # 3 full batches and a short one of 8
+    train = multidigits.make_dataset(
+        None, "train", 64, num_pairs=200
+    )  # 3 full batches and a short one of 8
     batches = list(train)
     assert [b["image"].shape for b in batches] == [(64, 12, 24, 1)] * 3 + [(8, 12, 24, 1)]
-    assert len(list(multidigits.make_dataset(None, "train", 64, num_pairs=200, drop_remainder=True))) == 3
+    assert (
+        len(list(multidigits.make_dataset(None, "train", 64, num_pairs=200, drop_remainder=True)))
+        == 3
+    )
     rows = train.indices
-    np.testing.assert_array_equal(np.concatenate([b["right"] for b in batches]),
-                                  DIGITS.target[multidigits.build_pairs("train", num_pairs=200)["right_index"][rows]])
+    np.testing.assert_array_equal(
+        np.concatenate([b["right"] for b in batches]),
+        DIGITS.target[multidigits.build_pairs("train", num_pairs=200)["right_index"][rows]],
+    )
 
 
 def _same(xs, ys):
@@ -99,7 +110,9 @@ def test_order_resume_and_augment_noop():
     _same(full, run(seed=3, epoch=1))
     _same(full, run(seed=3, epoch=1, augment=True))  # accepted, does nothing
     other = run(seed=3, epoch=2)
-    assert not np.array_equal(full[0]["left"], other[0]["left"]) or not np.array_equal(full[0]["image"], other[0]["image"])
+    assert not np.array_equal(full[0]["left"], other[0]["left"]) or not np.array_equal(
+        full[0]["image"], other[0]["image"]
+    )
     for k in (1, 4, 9):
         _same(run(seed=3, epoch=1, start_step=k), full[k:])
     with pytest.raises(ValueError, match="start_step"):  # 300 pairs: 10 batches, the last short
@@ -114,12 +127,34 @@ def test_process_shards_are_disjoint_and_cover(split, count):
     pairs = multidigits.build_pairs(split, num_pairs=n)
     seen = []
     for index in range(count):
-        ds = multidigits.make_dataset(None, split, 8, num_pairs=n, drop_remainder=False, seed=5,
-                                      process_index=index, process_count=count)
+        ds = multidigits.make_dataset(
+            None,
+            split,
+            8,
+            num_pairs=n,
+            drop_remainder=False,
+            seed=5,
+            process_index=index,
+            process_count=count,
+        )
         got = np.concatenate([b["left"] for b in ds])
         np.testing.assert_array_equal(got, pairs["left"][ds.indices])
         seen += list(ds.indices)
     assert len(seen) == len(set(seen)) == n
-    steps = {len(list(multidigits.make_dataset(None, split, 8, num_pairs=n, process_index=i, process_count=count,
-                                               drop_remainder=True))) for i in range(count)}
+    steps = {
+        len(
+            list(
+                multidigits.make_dataset(
+                    None,
+                    split,
+                    8,
+                    num_pairs=n,
+                    process_index=i,
+                    process_count=count,
+                    drop_remainder=True,
+                )
+            )
+        )
+        for i in range(count)
+    }
     assert len(steps) == 1

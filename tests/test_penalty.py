@@ -171,7 +171,9 @@ def test_stacked_is_mean_of_single_calls(smooth_problem, method, squared):
         return penalty_of_theta(theta, stacked_heads, x, labels, stacked=True, **kwargs)
 
     def unrolled(theta):
-        return penalty_of_theta(theta, stacked_heads, x, labels, stacked=True, unroll_sets=True, **kwargs)
+        return penalty_of_theta(
+            theta, stacked_heads, x, labels, stacked=True, unroll_sets=True, **kwargs
+        )
 
     np.testing.assert_allclose(stacked(theta), mean_of_singles(theta), rtol=1e-12)
     np.testing.assert_allclose(unrolled(theta), mean_of_singles(theta), rtol=1e-12)
@@ -229,10 +231,14 @@ def test_bad_arguments_raise_one_line_errors(smooth_problem):
     # `method` is the former name of `estimator`, still accepted.
     theta = smooth_problem[0]
     z = encoder(theta, x)
-    np.testing.assert_array_equal(dgr_penalty(head_loss, phi, z, labels, method="double_backprop"),
-                                  dgr_penalty(head_loss, phi, z, labels, estimator="double_backprop"))
+    np.testing.assert_array_equal(
+        dgr_penalty(head_loss, phi, z, labels, method="double_backprop"),
+        dgr_penalty(head_loss, phi, z, labels, estimator="double_backprop"),
+    )
     with pytest.raises(ValueError, match="disagree"):
-        dgr_penalty(head_loss, phi, x, labels, estimator="double_backprop", method="finite_difference")
+        dgr_penalty(
+            head_loss, phi, x, labels, estimator="double_backprop", method="finite_difference"
+        )
     with pytest.raises(ValueError, match="fd_eps must be positive"):
         dgr_penalty(head_loss, phi, x, labels, estimator="finite_difference", fd_eps=0.0)
     ragged = {"w": jnp.zeros((3, NUM_HIDDEN, NUM_CLASSES)), "b": jnp.zeros((2, NUM_CLASSES))}
@@ -351,9 +357,9 @@ def test_relu_conv_head_exact_matches_double_backprop_in_float32(report):
         return cross_entropy(logits.reshape(-1, 4), y.reshape(-1))
 
     grads = {
-        method: jax.jit(jax.grad(lambda z, m=method: dgr_penalty(loss, dummy, z, labels, estimator=m)))(
-            features
-        )
+        method: jax.jit(
+            jax.grad(lambda z, m=method: dgr_penalty(loss, dummy, z, labels, estimator=m))
+        )(features)
         for method in PENALTY_ESTIMATORS
     }
     assert all(g.dtype == jnp.float32 for g in grads.values())
@@ -361,9 +367,9 @@ def test_relu_conv_head_exact_matches_double_backprop_in_float32(report):
     assert exact_vs_reference < 1e-5
     fd_cos = cosine(grads["finite_difference"], grads["exact"])
     fd_err = rel_err(grads["finite_difference"], grads["exact"])
-    report(
-        "ReLU dilated-conv head, BatchNorm in training mode, float32 (d penalty / d features):"
-    )
+    report("ReLU dilated-conv head, BatchNorm in training mode, float32 (d penalty / d features):")
     report(f"  exact vs double_backprop: relative error {exact_vs_reference:.2e}")
-    report(f"  finite_difference (eps=1e-3) vs exact: cosine {fd_cos:.4f}, relative error {fd_err:.3e}")
+    report(
+        f"  finite_difference (eps=1e-3) vs exact: cosine {fd_cos:.4f}, relative error {fd_err:.3e}"
+    )
     assert np.isfinite(fd_cos) and np.isfinite(fd_err)

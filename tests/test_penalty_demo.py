@@ -12,7 +12,9 @@ def test_demo_runs_and_dgr_lowers_the_dummy_gradient_norm(capsys):
     out = capsys.readouterr().out
     errors = dict(re.findall(r"^(exact|finite_difference)\s+\S+\s+\S+\s+(\S+)$", out, flags=re.M))
     assert float(errors["exact"]) < 1e-5
-    norms = [float(v) for v in re.findall(r"^(?:vanilla|DGR λ=\S+)\s+\S+\s+\S+\s+(\S+)", out, flags=re.M)]
+    norms = [
+        float(v) for v in re.findall(r"^(?:vanilla|DGR λ=\S+)\s+\S+\s+\S+\s+(\S+)", out, flags=re.M)
+    ]
     assert len(norms) == 2 and norms[1] < norms[0]
 
 

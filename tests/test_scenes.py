@@ -90,10 +90,15 @@ def test_seeded_order_resume_and_process_shards(tmp_path):
     kw = dict(cache_dir=tmp_path / "cache", verbose=False, augment=True)
 
     def indices(**extra):
-        return [b["index"].tolist() for b in scenes.make_dataset(scenes.NYUV2, data, "train", 2, **kw, **extra)]
+        return [
+            b["index"].tolist()
+            for b in scenes.make_dataset(scenes.NYUV2, data, "train", 2, **kw, **extra)
+        ]
 
     def images(**extra):
-        return [b["image"] for b in scenes.make_dataset(scenes.NYUV2, data, "train", 2, **kw, **extra)]
+        return [
+            b["image"] for b in scenes.make_dataset(scenes.NYUV2, data, "train", 2, **kw, **extra)
+        ]
 
     first = indices(seed=3, epoch=0)
     assert sorted(sum(first, [])) == list(range(10))  # an epoch is a permutation
@@ -103,10 +108,23 @@ def test_seeded_order_resume_and_process_shards(tmp_path):
     assert len(resumed) == len(full) - 2
     for a, b in zip(full[2:], resumed):  # same examples and the same augmentation
         np.testing.assert_array_equal(a, b)
-    shards = [sum(indices(seed=3, process_index=p, process_count=3, drop_remainder=True), []) for p in range(3)]
+    shards = [
+        sum(indices(seed=3, process_index=p, process_count=3, drop_remainder=True), [])
+        for p in range(3)
+    ]
     assert [len(s) for s in shards] == [2, 2, 2]  # every process the same number of batches
-    shards_no_drop = [sum((b["index"].tolist() for b in scenes.make_dataset(
-        scenes.NYUV2, data, "train", 2, process_index=p, process_count=3, **kw)), []) for p in range(3)]
+    shards_no_drop = [
+        sum(
+            (
+                b["index"].tolist()
+                for b in scenes.make_dataset(
+                    scenes.NYUV2, data, "train", 2, process_index=p, process_count=3, **kw
+                )
+            ),
+            [],
+        )
+        for p in range(3)
+    ]
     assert sorted(sum(shards_no_drop, [])) == list(range(10))  # disjoint and covering
     assert all(set(a) <= set(b) for a, b in zip(shards, shards_no_drop))
     assert [len(s) for s in shards_no_drop] == [3, 4, 3]
@@ -121,7 +139,9 @@ def constant_example(fmt, depth=2.0, disp=3.0):
     example = {"image": tf.constant(image), "index": tf.constant(0, tf.int64)}
     for field in fmt.fields[1:]:
         if field.kind == "label":
-            example[field.key] = tf.constant((np.arange(W) % fmt.num_classes[field.key])[None].repeat(H, 0), tf.int16)
+            example[field.key] = tf.constant(
+                (np.arange(W) % fmt.num_classes[field.key])[None].repeat(H, 0), tf.int16
+            )
         elif field.kind == "normal":
             normal = np.tile(np.array([0.6, 0.0, 0.8], np.float32), (H, W, 1))
             normal[:, : W // 2] = 0.0
@@ -140,7 +160,9 @@ def constant_example(fmt, depth=2.0, disp=3.0):
 @pytest.mark.parametrize("fmt", [scenes.NYUV2, scenes.CITYSCAPES], ids=lambda f: f.name)
 def test_augmentation_scale_crop_flip_and_value_rules(fmt):
     example = constant_example(fmt)
-    crop_h, crop_w = (H, W) if fmt.name == "nyuv2" else (H, W // 2)  # Cityscapes: 256x256 of 256x512
+    crop_h, crop_w = (
+        (H, W) if fmt.name == "nyuv2" else (H, W // 2)
+    )  # Cityscapes: 256x256 of 256x512
     scales, flips = [], []
     for s in range(60):
         out = scenes.augment_example(example, fmt, tf.constant([7, s], tf.int64))
@@ -149,14 +171,19 @@ def test_augmentation_scale_crop_flip_and_value_rules(fmt):
         flips.append(flip)
         for key, value in example.items():
             assert out[key].dtype == value.dtype
-            assert out[key].shape == ((crop_h, crop_w) + tuple(value.shape[2:]) if value.shape.rank else ())
+            assert out[key].shape == (
+                (crop_h, crop_w) + tuple(value.shape[2:]) if value.shape.rank else ()
+            )
         for field in fmt.fields[1:]:
             got = out[field.key].numpy()
             if field.kind == "label":  # nearest neighbour: only original class values
                 assert set(np.unique(got)) <= set(range(fmt.num_classes[field.key]))
             elif field.kind == "normal":  # nearest neighbour: each pixel a copy of a source pixel
                 valid = np.any(got != 0, axis=-1)
-                np.testing.assert_array_equal(got[valid], np.tile(np.float32([-0.6 if flip else 0.6, 0.0, 0.8]), (valid.sum(), 1)))
+                np.testing.assert_array_equal(
+                    got[valid],
+                    np.tile(np.float32([-0.6 if flip else 0.6, 0.0, 0.8]), (valid.sum(), 1)),
+                )
                 np.testing.assert_array_equal(got[~valid], 0.0)
                 assert valid.any() and (~valid).any()
             elif field.kind == "depth":
@@ -192,15 +219,21 @@ def test_resized_sizes_truncate_as_the_original():
 def legacy_nearest_by_hand(out_size, in_size):
     """PyTorch's upsample_nearest2d: src = min(floor(dst * (float)in / out), in - 1), float32."""
     ratio = np.float32(in_size) / np.float32(out_size)
-    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * ratio).astype(np.int64), in_size - 1)
+    return np.minimum(
+        np.floor(np.arange(out_size, dtype=np.float32) * ratio).astype(np.int64), in_size - 1
+    )
 
 
-@pytest.mark.parametrize("out_size, in_size", [(345, 288), (460, 384), (432, 288), (576, 384), (14, 12), (12, 12)])
+@pytest.mark.parametrize(
+    "out_size, in_size", [(345, 288), (460, 384), (432, 288), (576, 384), (14, 12), (12, 12)]
+)
 def test_legacy_nearest_indices_follow_the_floor_rule(out_size, in_size):
     got = scenes.legacy_nearest_indices(out_size, in_size).numpy()
     np.testing.assert_array_equal(got, legacy_nearest_by_hand(out_size, in_size))
     # It is not TF's half-pixel nearest (which the pipeline used before).
-    half_pixel = np.minimum(np.floor((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
+    half_pixel = np.minimum(
+        np.floor((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int64), in_size - 1
+    )
     assert out_size == in_size or (got != half_pixel).any()
 
 
@@ -208,12 +241,24 @@ def test_legacy_nearest_indices_equal_torch_interpolate():
     torch = pytest.importorskip("torch")
     for out_size, in_size in [(345, 288), (460, 384), (432, 288), (576, 384)]:
         source = torch.arange(in_size, dtype=torch.float32).reshape(1, 1, in_size, 1)
-        want = torch.nn.functional.interpolate(source, size=(out_size, 1), mode="nearest")[0, 0, :, 0].numpy()
-        np.testing.assert_array_equal(scenes.legacy_nearest_indices(out_size, in_size).numpy(), want)
+        want = torch.nn.functional.interpolate(source, size=(out_size, 1), mode="nearest")[
+            0, 0, :, 0
+        ].numpy()
+        np.testing.assert_array_equal(
+            scenes.legacy_nearest_indices(out_size, in_size).numpy(), want
+        )
     # The image: TF's bilinear resize is torch's (align_corners=False) when upscaling.
     image = np.random.default_rng(0).uniform(size=(H, W, 3)).astype(np.float32)
-    want = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=(int(H * 1.5), int(W * 1.2)),
-                                           mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    want = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(image).permute(2, 0, 1)[None],
+            size=(int(H * 1.5), int(W * 1.2)),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     got = tf.image.resize(image, (int(H * 1.5), int(W * 1.2)), method="bilinear").numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -233,7 +278,9 @@ def test_resized_normals_stay_unit_and_keep_their_validity(rule):
     augmentation = scenes.Augmentation(scales=(1.2,), resize_rule=rule)
     seen = 0
     for s in range(20):
-        out = scenes.augment_example(example, scenes.NYUV2, tf.constant([3, s], tf.int64), augmentation)
+        out = scenes.augment_example(
+            example, scenes.NYUV2, tf.constant([3, s], tf.int64), augmentation
+        )
         got = out["normal"].numpy()
         if bool(out["flip"]):
             got = got[:, ::-1] * np.array([-1.0, 1.0, 1.0], np.float32)
@@ -246,8 +293,11 @@ def test_resized_normals_stay_unit_and_keep_their_validity(rule):
         if rule == "legacy":  # and exactly the one the floor rule picks
             new_h, new_w = int(H * 1.2), int(W * 1.2)
             rows, cols = legacy_nearest_by_hand(new_h, H), legacy_nearest_by_hand(new_w, W)
-            crops = [normal.astype(np.float32)[rows[top:top + H]][:, cols[left:left + W]]
-                     for top in range(new_h - H + 1) for left in range(new_w - W + 1)]
+            crops = [
+                normal.astype(np.float32)[rows[top : top + H]][:, cols[left : left + W]]
+                for top in range(new_h - H + 1)
+                for left in range(new_w - W + 1)
+            ]
             assert any(np.array_equal(got, c) for c in crops)
         seen += 1
     assert seen == 20
@@ -266,7 +316,9 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     os.utime(data / "val" / "image" / "0.npy", ns=(1, 1))
     rebuilt = scenes.prepare(scenes.NYUV2, data, cache_dir=cache, verbose=False)
     assert str(rebuilt.data_dir) != str(first.data_dir)
-    batch = next(iter(scenes.make_dataset(scenes.NYUV2, data, "val", 1, cache_dir=cache, verbose=False)))
+    batch = next(
+        iter(scenes.make_dataset(scenes.NYUV2, data, "val", 1, cache_dir=cache, verbose=False))
+    )
     np.testing.assert_allclose(batch["image"], -0.5)
 
 
@@ -279,27 +331,69 @@ def broken(tmp_path, change):
 
 BAD_INPUTS = {
     "missing root": (lambda d: None, "does not exist", "nowhere"),
-    "missing split": (lambda d: os.rename(d / "val", d / "valid"), "missing nyuv2 split folder", "val"),
-    "missing folder": (lambda d: [p.unlink() for p in (d / "train" / "normal").iterdir()]
-                       and (d / "train" / "normal").rmdir(), "missing folder", "normal"),
-    "count mismatch": (lambda d: (d / "train" / "depth" / "2.npy").unlink(), "different numbers of files", "train"),
-    "gap in numbering": (lambda d: os.rename(d / "train" / "label" / "2.npy", d / "train" / "label" / "7.npy"),
-                         "missing 2.npy", "label"),
-    "wrong shape": (lambda d: np.save(d / "train" / "depth" / "1.npy", np.zeros((H, W + 1, 1), np.float32)),
-                    "shape", "depth/1.npy"),
-    "wrong dtype": (lambda d: np.save(d / "val" / "image" / "1.npy", np.zeros((H, W, 3), np.uint8)),
-                    "dtype uint8", "image/1.npy"),
-    "unreadable": (lambda d: (d / "train" / "normal" / "0.npy").write_bytes(b"not numpy"), "unreadable", "normal/0.npy"),
-    "fractional labels": (lambda d: np.save(d / "train" / "label" / "0.npy", np.full((H, W), 0.5, np.float32)),
-                          "not integers", "label/0.npy"),
-    "labels out of range": (lambda d: np.save(d / "val" / "label" / "1.npy", np.full((H, W), 13, np.int64)),
-                            "expected 0..12", "label/1.npy"),
-    "images as 0..255": (lambda d: np.save(d / "train" / "image" / "2.npy", np.full((H, W, 3), 200.0, np.float32)),
-                         "stored as 0..255? divide by 255", "image/2.npy"),
-    "negative depth": (lambda d: np.save(d / "val" / "depth" / "0.npy", np.full((H, W, 1), -0.5, np.float32)),
-                       "negative depth -0.5", "depth/0.npy"),
-    "normals not unit": (lambda d: np.save(d / "train" / "normal" / "1.npy", np.full((H, W, 3), 0.9, np.float32)),
-                         "expected unit vectors", "normal/1.npy"),
+    "missing split": (
+        lambda d: os.rename(d / "val", d / "valid"),
+        "missing nyuv2 split folder",
+        "val",
+    ),
+    "missing folder": (
+        lambda d: (
+            [p.unlink() for p in (d / "train" / "normal").iterdir()]
+            and (d / "train" / "normal").rmdir()
+        ),
+        "missing folder",
+        "normal",
+    ),
+    "count mismatch": (
+        lambda d: (d / "train" / "depth" / "2.npy").unlink(),
+        "different numbers of files",
+        "train",
+    ),
+    "gap in numbering": (
+        lambda d: os.rename(d / "train" / "label" / "2.npy", d / "train" / "label" / "7.npy"),
+        "missing 2.npy",
+        "label",
+    ),
+    "wrong shape": (
+        lambda d: np.save(d / "train" / "depth" / "1.npy", np.zeros((H, W + 1, 1), np.float32)),
+        "shape",
+        "depth/1.npy",
+    ),
+    "wrong dtype": (
+        lambda d: np.save(d / "val" / "image" / "1.npy", np.zeros((H, W, 3), np.uint8)),
+        "dtype uint8",
+        "image/1.npy",
+    ),
+    "unreadable": (
+        lambda d: (d / "train" / "normal" / "0.npy").write_bytes(b"not numpy"),
+        "unreadable",
+        "normal/0.npy",
+    ),
+    "fractional labels": (
+        lambda d: np.save(d / "train" / "label" / "0.npy", np.full((H, W), 0.5, np.float32)),
+        "not integers",
+        "label/0.npy",
+    ),
+    "labels out of range": (
+        lambda d: np.save(d / "val" / "label" / "1.npy", np.full((H, W), 13, np.int64)),
+        "expected 0..12",
+        "label/1.npy",
+    ),
+    "images as 0..255": (
+        lambda d: np.save(d / "train" / "image" / "2.npy", np.full((H, W, 3), 200.0, np.float32)),
+        "stored as 0..255? divide by 255",
+        "image/2.npy",
+    ),
+    "negative depth": (
+        lambda d: np.save(d / "val" / "depth" / "0.npy", np.full((H, W, 1), -0.5, np.float32)),
+        "negative depth -0.5",
+        "depth/0.npy",
+    ),
+    "normals not unit": (
+        lambda d: np.save(d / "train" / "normal" / "1.npy", np.full((H, W, 3), 0.9, np.float32)),
+        "expected unit vectors",
+        "normal/1.npy",
+    ),
 }
 
 
@@ -313,7 +407,11 @@ def test_bad_folders_give_one_line_errors_naming_the_path(tmp_path, case):
     text = str(error.value)
     assert message in text and where in text and "\n" not in text, text
     # Nothing half-written is left in the cache.
-    assert not any(p.name.startswith("incomplete") for p in cache.rglob("*")) if cache.exists() else True
+    assert (
+        not any(p.name.startswith("incomplete") for p in cache.rglob("*"))
+        if cache.exists()
+        else True
+    )
     assert not any(cache.rglob("*.array_record*")) if cache.exists() else True
 
 
@@ -321,9 +419,13 @@ def test_bad_folders_give_one_line_errors_naming_the_path(tmp_path, case):
 def test_generated_scenes_go_through_the_same_builder(tmp_path, kind):
     from data_pipelines import synthetic
 
-    root = synthetic.write_scenes(tmp_path / "scenes", kind=kind, num_train=5, num_val=2, height=24, width=32, seed=1)
+    root = synthetic.write_scenes(
+        tmp_path / "scenes", kind=kind, num_train=5, num_val=2, height=24, width=32, seed=1
+    )
     fmt = scenes.FORMATS[kind]
-    batches = list(scenes.make_dataset(fmt, root, "train", 2, cache_dir=tmp_path / "cache", verbose=False))
+    batches = list(
+        scenes.make_dataset(fmt, root, "train", 2, cache_dir=tmp_path / "cache", verbose=False)
+    )
     assert [len(b["index"]) for b in batches] == [2, 2, 1]  # 5 examples: a short last batch is kept
     crop_w = 32 if kind == "nyuv2" else 16
     for batch in batches:
@@ -333,7 +435,11 @@ def test_generated_scenes_go_through_the_same_builder(tmp_path, kind):
         for field in fmt.fields[1:]:
             value = batch[field.key]
             if field.kind == "label":
-                assert value.dtype == np.int32 and value.min() >= -1 and value.max() < fmt.num_classes[field.key]
+                assert (
+                    value.dtype == np.int32
+                    and value.min() >= -1
+                    and value.max() < fmt.num_classes[field.key]
+                )
             elif field.kind == "depth":
                 assert value.shape == (size, 24, crop_w, 1) and value.min() >= 0.0
             elif field.kind == "disp":
@@ -342,7 +448,9 @@ def test_generated_scenes_go_through_the_same_builder(tmp_path, kind):
                 norms = np.linalg.norm(value, axis=-1)  # nearest neighbour: unit or zero, exactly
                 assert np.all((norms == 0) | (np.abs(norms - 1.0) < 1e-5))
     # Unaugmented validation data equals the files, value for value.
-    val = next(iter(scenes.make_dataset(fmt, root, "val", 2, cache_dir=tmp_path / "cache", verbose=False)))
+    val = next(
+        iter(scenes.make_dataset(fmt, root, "val", 2, cache_dir=tmp_path / "cache", verbose=False))
+    )
     for field in fmt.fields:
         want = np.stack([np.load(root / "val" / field.folder / f"{i}.npy") for i in range(2)])
         got = val[field.key]

@@ -32,7 +32,9 @@ def test_wall_facing_camera_gives_constant_depth_and_normal_towards_camera():
         np.testing.assert_allclose(hits.t, 5.0, rtol=0, atol=1e-12)
         np.testing.assert_allclose(hits.point[:, 2], 5.0, atol=1e-12)
         np.testing.assert_array_equal(hits.index, 0)
-        np.testing.assert_allclose(hits.normal, np.tile([0.0, 0.0, -1.0], (len(dirs), 1)), atol=1e-15)
+        np.testing.assert_allclose(
+            hits.normal, np.tile([0.0, 0.0, -1.0], (len(dirs), 1)), atol=1e-15
+        )
 
 
 def test_tilted_plane_depth_matches_closed_form():
@@ -64,7 +66,9 @@ def test_sphere_in_front_of_wall_nearest_hit():
     along = np.linalg.norm(unit[on_sphere] * (unit[on_sphere] @ centre)[:, None], axis=1)
     assert np.all(np.linalg.norm(p, axis=1) <= along + 1e-12)
     np.testing.assert_allclose(hits.normal[on_sphere], (p - centre) / r, atol=1e-9)
-    np.testing.assert_allclose(np.linalg.norm(hits.point - hits.t[:, None] * dirs, axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(
+        np.linalg.norm(hits.point - hits.t[:, None] * dirs, axis=1), 0, atol=1e-12
+    )
 
 
 def test_box_front_face_and_misses():
@@ -75,11 +79,14 @@ def test_box_front_face_and_misses():
     x, y = dirs[:, 0] * front, dirs[:, 1] * front  # where each ray crosses the front face's plane
     inside = (np.abs(x - 0.2) < 1.0 - 1e-9) & (np.abs(y - 0.1) < 0.5 - 1e-9)
     np.testing.assert_allclose(hits.t[inside], front, atol=1e-12)
-    np.testing.assert_allclose(hits.normal[inside], np.tile([0, 0, -1.0], (inside.sum(), 1)), atol=1e-15)
+    np.testing.assert_allclose(
+        hits.normal[inside], np.tile([0, 0, -1.0], (inside.sum(), 1)), atol=1e-15
+    )
     # rays that miss the box's silhouette entirely (beyond the back face's projection too)
     back = 4.5
-    far = ((np.abs(dirs[:, 0] * front - 0.2) > 1.0) & (np.abs(dirs[:, 0] * back - 0.2) > 1.0)) | \
-          ((np.abs(dirs[:, 1] * front - 0.1) > 0.5) & (np.abs(dirs[:, 1] * back - 0.1) > 0.5))
+    far = ((np.abs(dirs[:, 0] * front - 0.2) > 1.0) & (np.abs(dirs[:, 0] * back - 0.2) > 1.0)) | (
+        (np.abs(dirs[:, 1] * front - 0.1) > 0.5) & (np.abs(dirs[:, 1] * back - 0.1) > 0.5)
+    )
     assert far.any() and inside.any()
     assert np.all(np.isinf(hits.t[far])) and np.all(hits.index[far] == -1)
     np.testing.assert_array_equal(hits.normal[far], 0.0)
@@ -169,10 +176,12 @@ def test_indoor_depth_and_normals_are_exact_for_the_geometry(index):
     np.testing.assert_allclose(depth[valid], cam_xyz[:, 2].reshape(H, W)[valid], rtol=1e-6)
     # the hit point projects back onto its own pixel centre
     cols, rows = np.meshgrid(np.arange(W), np.arange(H))
-    np.testing.assert_allclose((camera.focal * cam_xyz[:, 0] / cam_xyz[:, 2] + W / 2).reshape(H, W), cols + 0.5,
-                               atol=1e-9)
-    np.testing.assert_allclose((camera.focal * cam_xyz[:, 1] / cam_xyz[:, 2] + H / 2).reshape(H, W), rows + 0.5,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        (camera.focal * cam_xyz[:, 0] / cam_xyz[:, 2] + W / 2).reshape(H, W), cols + 0.5, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        (camera.focal * cam_xyz[:, 1] / cam_xyz[:, 2] + H / 2).reshape(H, W), rows + 0.5, atol=1e-9
+    )
     flat_n = normal.reshape(-1, 3)
     for i in np.flatnonzero(valid.ravel()):
         prim, p = scene["prims"][hits.index[i]], hits.point[i]
@@ -253,25 +262,39 @@ def test_street_disparity_sky_and_parts():
 def test_vehicle_part_rules():
     half = np.array([2.2, 0.9, 0.4])  # a car body: 4.4 m long, 0.8 m tall
     meta = {"style": "body", "wheels": (1.35, -1.35), "rw": 0.32}
-    pts = np.array([
-        [1.35, 0.9, 0.32 - 0.4],  # side face at a wheel's centre
-        [0.0, -0.9, 0.1],  # side face between the wheels
-        [2.2, 0.0, 0.4 * 0.8 - 0.4],  # front face, plate height, centre
-        [2.2, 0.75, 0.55 * 0.8 - 0.4 + 0.1],  # front face, lamp band, near the corner
-        [0.3, 0.2, 0.4],  # bonnet
-    ])
-    np.testing.assert_array_equal(syn._vehicle_parts(pts, half, meta),
-                                  [syn.WHEEL, syn.CHASSIS, syn.PLATE, syn.LIGHT, syn.CHASSIS])
+    pts = np.array(
+        [
+            [1.35, 0.9, 0.32 - 0.4],  # side face at a wheel's centre
+            [0.0, -0.9, 0.1],  # side face between the wheels
+            [2.2, 0.0, 0.4 * 0.8 - 0.4],  # front face, plate height, centre
+            [2.2, 0.75, 0.55 * 0.8 - 0.4 + 0.1],  # front face, lamp band, near the corner
+            [0.3, 0.2, 0.4],  # bonnet
+        ]
+    )
+    np.testing.assert_array_equal(
+        syn._vehicle_parts(pts, half, meta),
+        [syn.WHEEL, syn.CHASSIS, syn.PLATE, syn.LIGHT, syn.CHASSIS],
+    )
     cabin = np.array([1.1, 0.8, 0.25])
     pts = np.array([[0.0, 0.8, 0.0], [0.0, 0.0, 0.25], [1.1, 0.0, 0.0], [1.05, 0.8, 0.0]])
-    np.testing.assert_array_equal(syn._vehicle_parts(pts, cabin, {"style": "cabin"}),
-                                  [syn.P_WINDOW, syn.OTHER, syn.P_WINDOW, syn.CHASSIS])
+    np.testing.assert_array_equal(
+        syn._vehicle_parts(pts, cabin, {"style": "cabin"}),
+        [syn.P_WINDOW, syn.OTHER, syn.P_WINDOW, syn.CHASSIS],
+    )
 
 
 def test_person_figure_parts_from_head_to_legs():
     prims = []
-    syn._person(prims, np.array([0.0, 0.0, 0.0]), 0.3, 1.8, syn.PERSON, (0.8, 0.1, 0.1), (0.1, 0.1, 0.5),
-                (0.8, 0.6, 0.5))
+    syn._person(
+        prims,
+        np.array([0.0, 0.0, 0.0]),
+        0.3,
+        1.8,
+        syn.PERSON,
+        (0.8, 0.1, 0.1),
+        (0.1, 0.1, 0.5),
+        (0.8, 0.6, 0.5),
+    )
     assert {p.label for p in prims} == {syn.PERSON}
     height, width = 48, 32
     camera = syn.Camera(np.array([-4.0, 0.0, 0.9]), syn._camera_rotation(0.0, 0.0, 0.0), 100.0)
@@ -295,7 +318,10 @@ def test_same_seed_same_bytes_other_seed_differs_and_geometry_ignores_size():
             assert a[key].tobytes() == b[key].tobytes()
         c = syn.render_example(kind, 6, "train", 3, H, W)
         d = syn.render_example(kind, 5, "val", 3, H, W)
-        assert a["image"].tobytes() != c["image"].tobytes() and a["image"].tobytes() != d["image"].tobytes()
+        assert (
+            a["image"].tobytes() != c["image"].tobytes()
+            and a["image"].tobytes() != d["image"].tobytes()
+        )
     # the same scene at another resolution: same camera pose and primitives
     small = syn._render_indoor(syn.scene_rng(1, "train", 0), H, W)[1]
     large = syn._render_indoor(syn.scene_rng(1, "train", 0), 2 * H, 3 * W)[1]
@@ -304,8 +330,10 @@ def test_same_seed_same_bytes_other_seed_differs_and_geometry_ignores_size():
     assert len(small["prims"]) == len(large["prims"])
     for p, q in zip(small["prims"], large["prims"]):
         assert type(p) is type(q) and p.label == q.label
-        np.testing.assert_array_equal(getattr(p, "center", getattr(p, "point", None)),
-                                      getattr(q, "center", getattr(q, "point", None)))
+        np.testing.assert_array_equal(
+            getattr(p, "center", getattr(p, "point", None)),
+            getattr(q, "center", getattr(q, "point", None)),
+        )
 
 
 # --------------------------------------------------------------------------- files
@@ -317,16 +345,30 @@ def listing(root):
 
 @pytest.mark.parametrize("kind", syn.KINDS)
 def test_write_scenes_layout(tmp_path, kind):
-    root = syn.write_scenes(tmp_path / "data", kind=kind, num_train=3, num_val=2, height=H, width=W, seed=1)
+    root = syn.write_scenes(
+        tmp_path / "data", kind=kind, num_train=3, num_val=2, height=H, width=W, seed=1
+    )
     assert root == tmp_path / "data"
-    fields = {"nyuv2": ["depth", "image", "label", "normal"],
-              "cityscapes": ["depth", "image", "label_19", "part_seg"]}[kind]
-    expected = sorted(f"{split}/{f}/{i}.npy" for split, n in (("train", 3), ("val", 2))
-                      for f in fields for i in range(n))
+    fields = {
+        "nyuv2": ["depth", "image", "label", "normal"],
+        "cityscapes": ["depth", "image", "label_19", "part_seg"],
+    }[kind]
+    expected = sorted(
+        f"{split}/{f}/{i}.npy"
+        for split, n in (("train", 3), ("val", 2))
+        for f in fields
+        for i in range(n)
+    )
     assert listing(root) == expected
     assert os.listdir(tmp_path) == ["data"]  # no temporary folder left behind
-    shapes = {"image": (H, W, 3), "label": (H, W), "label_19": (H, W), "part_seg": (H, W),
-              "depth": (H, W, 1), "normal": (H, W, 3)}
+    shapes = {
+        "image": (H, W, 3),
+        "label": (H, W),
+        "label_19": (H, W),
+        "part_seg": (H, W),
+        "depth": (H, W, 1),
+        "normal": (H, W, 3),
+    }
     for f in fields:
         array = np.load(root / "val" / f / "1.npy")
         assert array.dtype == np.float32 and array.shape == shapes[f]
@@ -336,8 +378,12 @@ def test_write_scenes_layout(tmp_path, kind):
 
 
 def test_write_scenes_is_deterministic_and_refuses_a_non_empty_root(tmp_path):
-    a = syn.write_scenes(tmp_path / "a", kind="cityscapes", num_train=2, num_val=1, height=H, width=W, seed=4)
-    b = syn.write_scenes(tmp_path / "b", kind="cityscapes", num_train=2, num_val=1, height=H, width=W, seed=4)
+    a = syn.write_scenes(
+        tmp_path / "a", kind="cityscapes", num_train=2, num_val=1, height=H, width=W, seed=4
+    )
+    b = syn.write_scenes(
+        tmp_path / "b", kind="cityscapes", num_train=2, num_val=1, height=H, width=W, seed=4
+    )
     for name in listing(a):
         assert (a / name).read_bytes() == (b / name).read_bytes()
     (tmp_path / "empty").mkdir()  # an existing empty folder is fine
@@ -381,7 +427,9 @@ def test_synthetic_root_race_loser_discards_its_copy(tmp_path, monkeypatch):
         if not calls:  # another process finishes first, while this one is generating
             calls.append(1)
             monkeypatch.setattr(syn, "render_example", original)
-            syn.write_scenes(tmp_path / name, kind="cityscapes", num_train=1, num_val=1, height=H, width=W)
+            syn.write_scenes(
+                tmp_path / name, kind="cityscapes", num_train=1, num_val=1, height=H, width=W
+            )
             monkeypatch.setattr(syn, "render_example", racing)
         return original(*args, **kw)
 
@@ -399,8 +447,27 @@ def test_command_line(tmp_path, capsys):
     text = capsys.readouterr().out
     for flag in ("--kind", "--out", "--num_train", "--num_val", "--height", "--width", "--seed"):
         assert flag in text
-    assert syn.main(["--kind", "cityscapes", "--out", str(tmp_path / "cs"), "--num_train", "2", "--num_val", "1",
-                     "--height", str(H), "--width", str(W), "--seed", "9"]) == 0
+    assert (
+        syn.main(
+            [
+                "--kind",
+                "cityscapes",
+                "--out",
+                str(tmp_path / "cs"),
+                "--num_train",
+                "2",
+                "--num_val",
+                "1",
+                "--height",
+                str(H),
+                "--width",
+                str(W),
+                "--seed",
+                "9",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(tmp_path / "cs")
     assert len(listing(tmp_path / "cs")) == 12
     with pytest.raises(SystemExit) as info:  # a non-empty --out is refused with a one-line error

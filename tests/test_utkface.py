@@ -35,7 +35,9 @@ def listing(root: Path):
 
 def collect(ds):
     batches = list(ds)
-    return batches, {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else {}
+    return batches, {
+        k: np.concatenate([b[k] for b in batches]) for k in batches[0]
+    } if batches else {}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,9 @@ def test_age_bins_and_both_name_forms(tmp_path):
     ages = {9: 0, 10: 1, 0: 0, 19: 1, 59: 5, 60: 6, 116: 6}
     for i, age in enumerate(ages):
         suffix = ".jpg.chip.jpg" if i % 2 else ".jpg"
-        write_jpeg(tmp_path / f"{age}_{i % 2}_{i % 5}_2017010{i}000000000{suffix}", np.full((8, 8, 3), 99))
+        write_jpeg(
+            tmp_path / f"{age}_{i % 2}_{i % 5}_2017010{i}000000000{suffix}", np.full((8, 8, 3), 99)
+        )
     paths, labels = utkface.list_examples(tmp_path)
     assert [p.name for p in paths] == sorted(p.name for p in tmp_path.iterdir())
     got = {int(p.name.split("_")[0]): int(a) for p, a in zip(paths, labels["age"])}
@@ -79,7 +83,9 @@ def test_split_is_fixed_disjoint_covering_80_20(fake):
 
 def test_batches_shapes_dtypes_labels(fake):
     before = listing(fake)
-    ds = utkface.make_dataset(fake, "train", 5, image_size=S)  # 24 train: 4 full batches and one of 4
+    ds = utkface.make_dataset(
+        fake, "train", 5, image_size=S
+    )  # 24 train: 4 full batches and one of 4
     batches, all_ = collect(ds)
     assert len(ds) == len(batches) == 5 and [len(b["age"]) for b in batches] == [5, 5, 5, 5, 4]
     assert len(utkface.make_dataset(fake, "train", 5, image_size=S, drop_remainder=True)) == 4
@@ -90,7 +96,9 @@ def test_batches_shapes_dtypes_labels(fake):
         for k in ("age", "gender", "ethnicity"):
             assert isinstance(b[k], np.ndarray) and b[k].shape == (size,) and b[k].dtype == np.int32
     want = np.array([labels_by_hand(p) for p in ds.files])
-    np.testing.assert_array_equal(np.stack([all_["age"], all_["gender"], all_["ethnicity"]], 1), want)
+    np.testing.assert_array_equal(
+        np.stack([all_["age"], all_["gender"], all_["ethnicity"]], 1), want
+    )
     test = utkface.make_dataset(fake, "val", 4, image_size=24)  # 6 test: remainder kept
     batches = list(test)
     assert [b["image"].shape for b in batches] == [(4, 24, 24, 3), (2, 24, 24, 3)]
@@ -100,12 +108,16 @@ def test_batches_shapes_dtypes_labels(fake):
 def test_normalisation_of_a_solid_colour(tmp_path):
     colour = np.array([200, 100, 50])
     for i in range(5):
-        write_jpeg(tmp_path / f"3{i}_0_1_2017010100000000{i}.jpg", np.broadcast_to(colour, (40, 40, 3)))
+        write_jpeg(
+            tmp_path / f"3{i}_0_1_2017010100000000{i}.jpg", np.broadcast_to(colour, (40, 40, 3))
+        )
     expected = (colour / 255.0 - MEAN) / STD  # about [1.307, -0.282, -0.930]
     for split in ("train", "test"):
         for b in utkface.make_dataset(tmp_path, split, 1, image_size=S):
             # JPEG (YCbCr rounding) may move a solid colour by a couple of levels.
-            np.testing.assert_allclose(b["image"], np.broadcast_to(expected, (1, S, S, 3)), atol=2.5 / 255 / 0.224)
+            np.testing.assert_allclose(
+                b["image"], np.broadcast_to(expected, (1, S, S, 3)), atol=2.5 / 255 / 0.224
+            )
 
 
 def test_order_depends_on_seed_and_epoch_only(fake):
@@ -129,10 +141,14 @@ def test_order_depends_on_seed_and_epoch_only(fake):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_start_step_resumes_exactly(fake, augment):
-    full = list(utkface.make_dataset(fake, "train", 4, augment=augment, seed=7, epoch=2, image_size=S))
+    full = list(
+        utkface.make_dataset(fake, "train", 4, augment=augment, seed=7, epoch=2, image_size=S)
+    )
     assert len(full) == 6
     for k in (0, 2, 6):
-        resumed = utkface.make_dataset(fake, "train", 4, augment=augment, seed=7, epoch=2, start_step=k, image_size=S)
+        resumed = utkface.make_dataset(
+            fake, "train", 4, augment=augment, seed=7, epoch=2, start_step=k, image_size=S
+        )
         got = list(resumed)
         assert len(resumed) == len(got) == 6 - k
         for x, y in zip(got, full[k:]):
@@ -150,8 +166,16 @@ def test_process_shards_are_disjoint_and_cover(fake, split, count):
     members = {paths[i] for i in utkface.split_indices(30, split)}
     seen, sizes = [], []
     for index in range(count):
-        ds = utkface.make_dataset(fake, split, 2, seed=4, drop_remainder=False, image_size=S,
-                                  process_index=index, process_count=count)
+        ds = utkface.make_dataset(
+            fake,
+            split,
+            2,
+            seed=4,
+            drop_remainder=False,
+            image_size=S,
+            process_index=index,
+            process_count=count,
+        )
         _, all_ = collect(ds)
         np.testing.assert_array_equal(all_["gender"], [labels_by_hand(p)[1] for p in ds.files])
         seen += ds.files
@@ -159,8 +183,22 @@ def test_process_shards_are_disjoint_and_cover(fake, split, count):
     assert len(seen) == len(set(seen)) and set(seen) == members
     assert max(sizes) - min(sizes) <= 1
     # Dropping remainders, every process takes the same number of steps.
-    steps = {len(list(utkface.make_dataset(fake, split, 3, drop_remainder=True, image_size=S,
-                                           process_index=i, process_count=count))) for i in range(count)}
+    steps = {
+        len(
+            list(
+                utkface.make_dataset(
+                    fake,
+                    split,
+                    3,
+                    drop_remainder=True,
+                    image_size=S,
+                    process_index=i,
+                    process_count=count,
+                )
+            )
+        )
+        for i in range(count)
+    }
     assert len(steps) == 1
 
 
@@ -169,7 +207,9 @@ def test_flip_flips_half_the_examples(fake):
     plain = utkface.make_dataset(fake, "train", 24, augment=False, **kw)
     aug = utkface.make_dataset(fake, "train", 24, augment=True, **kw)
     assert plain.files == aug.files
-    default = utkface.make_dataset(fake, "train", 24, **kw)  # the training split augments by default
+    default = utkface.make_dataset(
+        fake, "train", 24, **kw
+    )  # the training split augments by default
     np.testing.assert_array_equal(next(iter(default))["image"], next(iter(aug))["image"])
     x, y = next(iter(plain))["image"], next(iter(aug))["image"]
     flipped = np.array([not np.array_equal(a, b) for a, b in zip(x, y)])
@@ -236,7 +276,7 @@ def test_corrupt_jpeg_names_the_file(tmp_path, damage):
         bad.write_bytes(os.urandom(300))
     else:
         good = sorted(root.glob("*.jpg"))[0].read_bytes()
-        bad.write_bytes(good[:len(good) // 2])
+        bad.write_bytes(good[: len(good) // 2])
     paths, _ = utkface.list_examples(root)
     split = "train" if paths.index(bad) in utkface.split_indices(len(paths), "train") else "test"
     ds = utkface.make_dataset(root, split, 1, drop_remainder=False, image_size=S)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dgr_jax.kinds import classification, normal, regression, segmentation
 from dgr_jax.kinds.base import TaskKind
 
-KINDS: dict[str, TaskKind] = {module.KIND.name: module.KIND
-                              for module in (segmentation, regression, normal, classification)}
+KINDS: dict[str, TaskKind] = {
+    module.KIND.name: module.KIND for module in (segmentation, regression, normal, classification)
+}
 
 
 def get_kind(name: str) -> TaskKind:

@@ -71,7 +71,10 @@ def count(mask) -> jax.Array:
 
 def batch_mean_stats() -> Stats:
     """The paper's convention: sum over batches of (examples in the batch) x (batch mean)."""
-    return {"batch_mean_sum": jnp.zeros((), sum_dtype()), "batch_examples": jnp.zeros((), jnp.int32)}
+    return {
+        "batch_mean_sum": jnp.zeros((), sum_dtype()),
+        "batch_examples": jnp.zeros((), jnp.int32),
+    }
 
 
 def add_batch_mean(stats, values, mask, num_examples: int) -> Stats:
@@ -79,8 +82,10 @@ def add_batch_mean(stats, values, mask, num_examples: int) -> Stats:
     as the original's ``torch.mean`` of an empty selection)."""
     dtype = stats["batch_mean_sum"].dtype
     mean = jnp.sum(jnp.where(mask, values, 0), dtype=dtype) / jnp.sum(mask, dtype=dtype)
-    return {"batch_mean_sum": stats["batch_mean_sum"] + num_examples * mean,
-            "batch_examples": stats["batch_examples"] + jnp.int32(num_examples)}
+    return {
+        "batch_mean_sum": stats["batch_mean_sum"] + num_examples * mean,
+        "batch_examples": stats["batch_examples"] + jnp.int32(num_examples),
+    }
 
 
 def batch_mean_value(task, stats) -> float:
@@ -94,5 +99,7 @@ def ratio(numerator, denominator) -> float:
 def check_shapes(task, prediction, target, expected_prediction: tuple[int, ...]) -> None:
     # Shapes are static, so this runs at trace time and costs nothing under jit.
     if prediction.shape != expected_prediction:
-        raise ValueError(f"metrics: task {task.name!r} ({task.kind}): prediction shape {prediction.shape} "
-                         f"does not fit target shape {target.shape} (expected {expected_prediction})")
+        raise ValueError(
+            f"metrics: task {task.name!r} ({task.kind}): prediction shape {prediction.shape} "
+            f"does not fit target shape {target.shape} (expected {expected_prediction})"
+        )

@@ -62,9 +62,13 @@ def cosine(task):
 
 
 def init_stats(task):
-    return {"angle_sum": jnp.zeros((), sum_dtype()), "count": jnp.zeros((), jnp.int32),
-            "histogram": jnp.zeros((HISTOGRAM_BINS,), jnp.int32),
-            "within": jnp.zeros((len(THRESHOLDS),), jnp.int32), **batch_mean_stats()}
+    return {
+        "angle_sum": jnp.zeros((), sum_dtype()),
+        "count": jnp.zeros((), jnp.int32),
+        "histogram": jnp.zeros((HISTOGRAM_BINS,), jnp.int32),
+        "within": jnp.zeros((len(THRESHOLDS),), jnp.int32),
+        **batch_mean_stats(),
+    }
 
 
 def update_stats(task, stats, prediction, target):
@@ -78,11 +82,13 @@ def update_stats(task, stats, prediction, target):
     histogram = jnp.zeros((HISTOGRAM_BINS,), jnp.int32).at[bins].add(1, mode="drop")
     below = angle[:, None] < jnp.asarray(THRESHOLDS, angle.dtype)[None, :]
     paper_valid = (jnp.sum(target, axis=-1) != 0).reshape(-1)  # the original's validity test
-    return {"angle_sum": stats["angle_sum"] + jnp.sum(jnp.where(valid, angle, 0), dtype=dtype),
-            "count": stats["count"] + count(valid),
-            "histogram": stats["histogram"] + histogram,
-            "within": stats["within"] + jnp.sum(below & valid[:, None], axis=0, dtype=jnp.int32),
-            **add_batch_mean(stats, angle, paper_valid, target.shape[0])}
+    return {
+        "angle_sum": stats["angle_sum"] + jnp.sum(jnp.where(valid, angle, 0), dtype=dtype),
+        "count": stats["count"] + count(valid),
+        "histogram": stats["histogram"] + histogram,
+        "within": stats["within"] + jnp.sum(below & valid[:, None], axis=0, dtype=jnp.int32),
+        **add_batch_mean(stats, angle, paper_valid, target.shape[0]),
+    }
 
 
 def histogram_median(histogram: np.ndarray) -> float:
@@ -98,8 +104,10 @@ def histogram_median(histogram: np.ndarray) -> float:
 
 def finalize(task, stats):
     total = int(np.asarray(stats["count"]))
-    metrics = {"mean_angle": ratio(np.asarray(stats["angle_sum"]), total),
-               "median_angle": histogram_median(np.asarray(stats["histogram"]))}
+    metrics = {
+        "mean_angle": ratio(np.asarray(stats["angle_sum"]), total),
+        "median_angle": histogram_median(np.asarray(stats["histogram"])),
+    }
     for threshold, within in zip(THRESHOLDS, np.asarray(stats["within"])):
         metrics[f"within_{threshold:g}"] = ratio(within, total)
     return metrics
@@ -112,6 +120,15 @@ def example_target(task, rng, batch, height, width):
     return value.astype(np.float32)
 
 
-KIND = TaskKind(name="normal", losses={"l1": l1, "cosine": cosine}, headline="mean_angle", lower_is_better=True,
-                init_stats=init_stats, update_stats=update_stats, finalize=finalize, paper_value=batch_mean_value,
-                example_target=example_target, activation=unit_normalize)
+KIND = TaskKind(
+    name="normal",
+    losses={"l1": l1, "cosine": cosine},
+    headline="mean_angle",
+    lower_is_better=True,
+    init_stats=init_stats,
+    update_stats=update_stats,
+    finalize=finalize,
+    paper_value=batch_mean_value,
+    example_target=example_target,
+    activation=unit_normalize,
+)

@@ -31,8 +31,12 @@ def l1(task):
 
 
 def init_stats(task):
-    return {"abs_sum": jnp.zeros((), sum_dtype()), "rel_sum": jnp.zeros((), sum_dtype()),
-            "count": jnp.zeros((), jnp.int32), **batch_mean_stats()}
+    return {
+        "abs_sum": jnp.zeros((), sum_dtype()),
+        "rel_sum": jnp.zeros((), sum_dtype()),
+        "count": jnp.zeros((), jnp.int32),
+        **batch_mean_stats(),
+    }
 
 
 def update_stats(task, stats, prediction, target):
@@ -41,15 +45,19 @@ def update_stats(task, stats, prediction, target):
     error = jnp.abs(prediction - target)
     relative = jnp.where(valid, error / jnp.where(valid, target, 1), 0)  # no 0/0 at invalid pixels
     dtype = stats["abs_sum"].dtype
-    return {"abs_sum": stats["abs_sum"] + jnp.sum(jnp.where(valid, error, 0), dtype=dtype),
-            "rel_sum": stats["rel_sum"] + jnp.sum(relative, dtype=dtype),
-            "count": stats["count"] + count(valid),
-            **add_batch_mean(stats, error, valid, target.shape[0])}
+    return {
+        "abs_sum": stats["abs_sum"] + jnp.sum(jnp.where(valid, error, 0), dtype=dtype),
+        "rel_sum": stats["rel_sum"] + jnp.sum(relative, dtype=dtype),
+        "count": stats["count"] + count(valid),
+        **add_batch_mean(stats, error, valid, target.shape[0]),
+    }
 
 
 def finalize(task, stats):
-    return {"abs_err": ratio(np.asarray(stats["abs_sum"]), np.asarray(stats["count"])),
-            "rel_err": ratio(np.asarray(stats["rel_sum"]), np.asarray(stats["count"]))}
+    return {
+        "abs_err": ratio(np.asarray(stats["abs_sum"]), np.asarray(stats["count"])),
+        "rel_err": ratio(np.asarray(stats["rel_sum"]), np.asarray(stats["count"])),
+    }
 
 
 def example_target(task, rng, batch, height, width):
@@ -58,6 +66,14 @@ def example_target(task, rng, batch, height, width):
     return value
 
 
-KIND = TaskKind(name="regression", losses={"l1": l1}, headline="abs_err", lower_is_better=True,
-                init_stats=init_stats, update_stats=update_stats, finalize=finalize, paper_value=batch_mean_value,
-                example_target=example_target)
+KIND = TaskKind(
+    name="regression",
+    losses={"l1": l1},
+    headline="abs_err",
+    lower_is_better=True,
+    init_stats=init_stats,
+    update_stats=update_stats,
+    finalize=finalize,
+    paper_value=batch_mean_value,
+    example_target=example_target,
+)

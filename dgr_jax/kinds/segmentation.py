@@ -25,15 +25,19 @@ from dgr_jax.kinds.base import TaskKind, check_shapes, count, masked_mean
 def cross_entropy(task):
     def loss(logits, labels):
         valid = labels != task.invalid
-        per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+        per_pixel = optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.where(valid, labels, 0)
+        )
         return masked_mean(per_pixel, valid)
 
     return loss
 
 
 def init_stats(task):
-    return {"confusion": jnp.zeros((task.channels, task.channels), jnp.int32),
-            "out_of_range": jnp.zeros((), jnp.int32)}
+    return {
+        "confusion": jnp.zeros((task.channels, task.channels), jnp.int32),
+        "out_of_range": jnp.zeros((), jnp.int32),
+    }
 
 
 def update_stats(task, stats, logits, labels):
@@ -46,8 +50,10 @@ def update_stats(task, stats, logits, labels):
     cell = jnp.where(counted, labels, 0).astype(jnp.int32) * classes + predicted
     cell = jnp.where(counted, cell, classes * classes)  # out of bounds: dropped below
     confusion = jnp.zeros((classes * classes,), jnp.int32).at[cell.reshape(-1)].add(1, mode="drop")
-    return {"confusion": stats["confusion"] + confusion.reshape(classes, classes),
-            "out_of_range": stats["out_of_range"] + count(valid & ~in_range)}
+    return {
+        "confusion": stats["confusion"] + confusion.reshape(classes, classes),
+        "out_of_range": stats["out_of_range"] + count(valid & ~in_range),
+    }
 
 
 def _iou(stats):
@@ -58,8 +64,10 @@ def _iou(stats):
 
 def finalize(task, stats):
     if np.asarray(stats["out_of_range"]) > 0:
-        raise ValueError(f"compute_metrics: task {task.name!r} had {int(stats['out_of_range'])} labels outside "
-                         f"[0, {task.channels}) that are not the ignore label {task.invalid}")
+        raise ValueError(
+            f"compute_metrics: task {task.name!r} had {int(stats['out_of_range'])} labels outside "
+            f"[0, {task.channels}) that are not the ignore label {task.invalid}"
+        )
     true_positive, union, confusion = _iou(stats)
     present = union > 0
     miou = float(np.mean(true_positive[present] / union[present])) if present.any() else math.nan
@@ -79,6 +87,14 @@ def example_target(task, rng, batch, height, width):
     return labels.astype(np.int32)
 
 
-KIND = TaskKind(name="segmentation", losses={"cross_entropy": cross_entropy}, headline="miou",
-                lower_is_better=False, init_stats=init_stats, update_stats=update_stats, finalize=finalize,
-                paper_value=paper_value, example_target=example_target)
+KIND = TaskKind(
+    name="segmentation",
+    losses={"cross_entropy": cross_entropy},
+    headline="miou",
+    lower_is_better=False,
+    init_stats=init_stats,
+    update_stats=update_stats,
+    finalize=finalize,
+    paper_value=paper_value,
+    example_target=example_target,
+)

@@ -33,11 +33,23 @@ def get_method(name: str, **kwargs) -> MTLMethod:
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         listing = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
-        raise ValueError(f"MTL method {name!r} has no argument {', '.join(unknown)}; its arguments: {listing}")
+        raise ValueError(
+            f"MTL method {name!r} has no argument {', '.join(unknown)}; its arguments: {listing}"
+        )
     return METHODS[name](**kwargs)
 
 
 __all__ = [
-    "DWAState", "METHODS", "MTLMethod", "NoState", "UncertaintyParams", "dwa", "equal", "get_method",
-    "method_arguments", "per_task_gradients", "uncertainty", "weighted_sum",
+    "DWAState",
+    "METHODS",
+    "MTLMethod",
+    "NoState",
+    "UncertaintyParams",
+    "dwa",
+    "equal",
+    "get_method",
+    "method_arguments",
+    "per_task_gradients",
+    "uncertainty",
+    "weighted_sum",
 ]

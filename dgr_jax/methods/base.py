@@ -51,22 +51,27 @@ class NoState(NamedTuple):
     """The state (or params) of a method that keeps none."""
 
 
-def weighted_sum(task_grads: PyTree, task_losses: jax.Array, weights: jax.Array,
-                 state: PyTree) -> tuple[PyTree, PyTree]:
+def weighted_sum(
+    task_grads: PyTree, task_losses: jax.Array, weights: jax.Array, state: PyTree
+) -> tuple[PyTree, PyTree]:
     """``sum_t w_t g_t`` over the leading task axis of every leaf; state unchanged."""
     del task_losses
     weights = jax.lax.stop_gradient(weights)
 
     def combine_leaf(g):
         if g.shape[:1] != weights.shape:
-            raise ValueError(f"weighted_sum: task gradients have leading axis {g.shape[:1]}, "
-                             f"weights have shape {weights.shape}")
+            raise ValueError(
+                f"weighted_sum: task gradients have leading axis {g.shape[:1]}, "
+                f"weights have shape {weights.shape}"
+            )
         return jnp.tensordot(weights.astype(g.dtype), g, axes=1)
 
     return jax.tree_util.tree_map(combine_leaf, task_grads), state
 
 
-def unchanged_after_step(state: PyTree, task_losses: jax.Array, num_examples: int | jax.Array = 1) -> PyTree:
+def unchanged_after_step(
+    state: PyTree, task_losses: jax.Array, num_examples: int | jax.Array = 1
+) -> PyTree:
     del task_losses, num_examples
     return state
 
@@ -112,9 +117,13 @@ def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
     """
     (task_losses, extra), vjp, aux = jax.vjp(objective, params, has_aux=True)
     if task_losses.shape != (num_tasks,):
-        raise ValueError(f"per_task_gradients: the objective returned task losses of shape "
-                         f"{task_losses.shape}, expected ({num_tasks},)")
-    cotangents = jnp.eye(num_tasks + 1, dtype=task_losses.dtype)  # one row per task, then the extra term
+        raise ValueError(
+            f"per_task_gradients: the objective returned task losses of shape "
+            f"{task_losses.shape}, expected ({num_tasks},)"
+        )
+    cotangents = jnp.eye(
+        num_tasks + 1, dtype=task_losses.dtype
+    )  # one row per task, then the extra term
     rows = [vjp((c[:num_tasks], c[num_tasks].astype(extra.dtype)))[0] for c in cotangents]
     task_grads = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *rows[:num_tasks])
     return task_losses, extra, task_grads, rows[num_tasks], aux

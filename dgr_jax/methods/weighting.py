@@ -57,9 +57,12 @@ def dwa(temperature: float = 2.0) -> MTLMethod:
 
     def init(num_tasks, dtype=jnp.float32):
         check_num_tasks("dwa", num_tasks)
-        return NoState(), DWAState(epoch_losses=jnp.ones((2, num_tasks), dtype),
-                                   loss_sum=jnp.zeros((num_tasks,), dtype),
-                                   num_examples=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32))
+        return NoState(), DWAState(
+            epoch_losses=jnp.ones((2, num_tasks), dtype),
+            loss_sum=jnp.zeros((num_tasks,), dtype),
+            num_examples=jnp.zeros((), jnp.int32),
+            epoch=jnp.zeros((), jnp.int32),
+        )
 
     def weights_of(state):
         before_last, last = state.epoch_losses
@@ -77,16 +80,21 @@ def dwa(temperature: float = 2.0) -> MTLMethod:
         check_losses("dwa", task_losses, state.loss_sum.shape[0])
         step_losses = jax.lax.stop_gradient(task_losses).astype(state.loss_sum.dtype)
         count = jnp.asarray(num_examples, jnp.int32)
-        return state._replace(loss_sum=state.loss_sum + count.astype(step_losses.dtype) * step_losses,
-                              num_examples=state.num_examples + count)
+        return state._replace(
+            loss_sum=state.loss_sum + count.astype(step_losses.dtype) * step_losses,
+            num_examples=state.num_examples + count,
+        )
 
     def end_epoch(state):
         seen = state.num_examples
         mean = state.loss_sum / jnp.maximum(seen, 1).astype(state.loss_sum.dtype)
         latest = jnp.where(seen > 0, mean, state.epoch_losses[1])
-        return DWAState(epoch_losses=jnp.stack([state.epoch_losses[1], latest]),
-                        loss_sum=jnp.zeros_like(state.loss_sum), num_examples=jnp.zeros_like(seen),
-                        epoch=state.epoch + 1)
+        return DWAState(
+            epoch_losses=jnp.stack([state.epoch_losses[1], latest]),
+            loss_sum=jnp.zeros_like(state.loss_sum),
+            num_examples=jnp.zeros_like(seen),
+            epoch=state.epoch + 1,
+        )
 
     return MTLMethod(init=init, loss=loss, update=update, end_epoch=end_epoch)
 
@@ -95,7 +103,9 @@ class UncertaintyParams(NamedTuple):
     log_var: jax.Array  # (T,): w_t, one log-variance per task
 
 
-def uncertainty(initial_log_var: float = -0.7, scale: float = 0.5, weight_decay: bool = True) -> MTLMethod:
+def uncertainty(
+    initial_log_var: float = -0.7, scale: float = 0.5, weight_decay: bool = True
+) -> MTLMethod:
     """Homoscedastic uncertainty weighting (Kendall, Gal, Cipolla, "Multi-Task Learning
     Using Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018).
 

@@ -48,7 +48,9 @@ class ModelConfig:
 
     network: str = "split"
     backbone: str = "resnet50"
-    dilated: bool | None = None  # None: dilated (output stride 8) for split / mtan, not for the classifier
+    dilated: bool | None = (
+        None  # None: dilated (output stride 8) for split / mtan, not for the classifier
+    )
     base_width: int = 64
     stage_sizes: tuple[int, ...] | None = None
     head_width: int = 256
@@ -62,18 +64,27 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.network not in NETWORKS:
-            raise ConfigError("ModelConfig", "network", f"must be one of {NETWORKS}, got {self.network!r}")
+            raise ConfigError(
+                "ModelConfig", "network", f"must be one of {NETWORKS}, got {self.network!r}"
+            )
         if self.dilated is None:
             object.__setattr__(self, "dilated", self.network != "classifier")
         try:
             object.__setattr__(self, "backbone", backbone_name(self.backbone))
         except ValueError:
-            raise ConfigError("ModelConfig", "backbone",
-                              f"must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}") from None
+            raise ConfigError(
+                "ModelConfig",
+                "backbone",
+                f"must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}",
+            ) from None
         if self.network == "mtan" and not self.dilated:
-            raise ConfigError("ModelConfig", "network", "'mtan' needs a dilated backbone (dilated=True)")
+            raise ConfigError(
+                "ModelConfig", "network", "'mtan' needs a dilated backbone (dilated=True)"
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ConfigError("ModelConfig", "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+            raise ConfigError(
+                "ModelConfig", "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}"
+            )
         for name in ("base_width", "head_width", "classifier_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError("ModelConfig", name, f"must be >= 1, got {getattr(self, name)}")
@@ -86,11 +97,22 @@ def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:
     backbone = BACKBONES[config.backbone](config, norm)
     pairs = tuple((task.name, task.channels) for task in tasks)
     if config.network == "classifier":
-        return MultiTaskNet(PooledEncoder(backbone), ClassifierHeads(pairs, config.classifier_hidden))
-    activations = tuple((task.name, task.record.activation) for task in tasks if task.record.activation)
+        return MultiTaskNet(
+            PooledEncoder(backbone), ClassifierHeads(pairs, config.classifier_hidden)
+        )
+    activations = tuple(
+        (task.name, task.record.activation) for task in tasks if task.record.activation
+    )
     mtan = config.network == "mtan"
-    heads = DenseHeads(pairs, activations, per_task_features=mtan, width=config.head_width,
-                       rates=tuple(config.aspp_rates), dropout_rate=config.dropout_rate, norm=norm)
+    heads = DenseHeads(
+        pairs,
+        activations,
+        per_task_features=mtan,
+        width=config.head_width,
+        rates=tuple(config.aspp_rates),
+        dropout_rate=config.dropout_rate,
+        norm=norm,
+    )
     encoder = MTANEncoder(tuple(task.name for task in tasks), backbone, norm) if mtan else backbone
     return MultiTaskNet(encoder, heads)
 
@@ -111,7 +133,12 @@ def heads_apply_fn(heads: nn.Module, output_size: tuple[int, int] | None, *, tra
         rngs = {"dropout": rng} if rng is not None else None
         deterministic_heads = heads if rng is not None or not train else _without_dropout(heads)
         outputs, _ = deterministic_heads.apply(
-            {"params": params}, features, output_size, train=train, mutable=["batch_stats"], rngs=rngs
+            {"params": params},
+            features,
+            output_size,
+            train=train,
+            mutable=["batch_stats"],
+            rngs=rngs,
         )
         return outputs
 
@@ -125,8 +152,24 @@ def _without_dropout(heads: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "AttentionMask", "BACKBONES", "BasicBlock", "BatchNorm", "Bottleneck", "ClassifierHeads", "DeepLabHead",
-    "DenseHeads", "MTANEncoder", "ModelConfig", "MultiTaskNet", "NETWORKS", "PooledEncoder", "ResNet",
-    "backbone_name", "bilinear_resize_align_corners", "build_model", "count_params", "heads_apply_fn",
+    "AttentionMask",
+    "BACKBONES",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "ClassifierHeads",
+    "DeepLabHead",
+    "DenseHeads",
+    "MTANEncoder",
+    "ModelConfig",
+    "MultiTaskNet",
+    "NETWORKS",
+    "PooledEncoder",
+    "ResNet",
+    "backbone_name",
+    "bilinear_resize_align_corners",
+    "build_model",
+    "count_params",
+    "heads_apply_fn",
     "register_backbone",
 ]

@@ -47,10 +47,16 @@ class BatchNorm(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32)
+        )
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32)
+        )
         dtype = jnp.promote_types(x.dtype, jnp.float32)
-        channel_shape = (1,) * (x.ndim - 1) + (channels,)  # explicit broadcasting (no rank promotion)
+        channel_shape = (1,) * (x.ndim - 1) + (
+            channels,
+        )  # explicit broadcasting (no rank promotion)
         if self.use_running_average:
             mean, var = running_mean.value.astype(dtype), running_var.value.astype(dtype)
         else:
@@ -62,10 +68,16 @@ class BatchNorm(nn.Module):
                 count = math.prod(x.shape[:-1])
                 correction = count / (count - 1) if self.unbiased_running_var and count > 1 else 1.0
                 keep = self.momentum
-                running_mean.value = keep * running_mean.value + (1 - keep) * jax.lax.stop_gradient(mean)
-                running_var.value = keep * running_var.value + (1 - keep) * correction * jax.lax.stop_gradient(var)
+                running_mean.value = keep * running_mean.value + (1 - keep) * jax.lax.stop_gradient(
+                    mean
+                )
+                running_var.value = keep * running_var.value + (
+                    1 - keep
+                ) * correction * jax.lax.stop_gradient(var)
         multiplier = (jax.lax.rsqrt(var + self.epsilon) * scale).reshape(channel_shape)
-        y = (x.astype(dtype) - mean.reshape(channel_shape)) * multiplier + bias.reshape(channel_shape)
+        y = (x.astype(dtype) - mean.reshape(channel_shape)) * multiplier + bias.reshape(
+            channel_shape
+        )
         return y.astype(jnp.promote_types(x.dtype, scale.dtype))
 
 

@@ -54,9 +54,17 @@ class TrimmedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init,
-                            (self.kernel, self.kernel, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (self.kernel, self.kernel, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
         half = self.kernel // 2
         padding, window = [], []
@@ -66,15 +74,27 @@ class TrimmedConv(nn.Module):
             padding.append((reach * self.dilation, reach * self.dilation))
             window.append(slice(half - reach, half + reach + 1))
         y = jax.lax.conv_general_dilated(
-            x, kernel[window[0], window[1]], window_strides=(1, 1), padding=padding,
-            rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x,
+            kernel[window[0], window[1]],
+            window_strides=(1, 1),
+            padding=padding,
+            rhs_dilation=(self.dilation, self.dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         if bias is not None:
             y = y + bias.reshape(1, 1, 1, -1)
         return y
 
 
-def torch_conv(features: int, kernel: int, in_features: int, *, dilation: int = 1,
-               use_bias: bool = False, name: str | None = None):
+def torch_conv(
+    features: int,
+    kernel: int,
+    in_features: int,
+    *,
+    dilation: int = 1,
+    use_bias: bool = False,
+    name: str | None = None,
+):
     """A conv with PyTorch's default init and symmetric padding ``dilation * (k // 2)``
     (``TrimmedConv``: taps that only meet padding are skipped)."""
     return TrimmedConv(
@@ -110,7 +130,9 @@ class DeepLabHead(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         def conv_bn_relu(inputs, kernel, dilation, name):
-            y = torch_conv(self.width, kernel, inputs.shape[-1], dilation=dilation, name=f"{name}_conv")(inputs)
+            y = torch_conv(
+                self.width, kernel, inputs.shape[-1], dilation=dilation, name=f"{name}_conv"
+            )(inputs)
             return nn.relu(self.norm(use_running_average=not train, name=f"{name}_bn")(y))
 
         branches = [conv_bn_relu(x, 1, 1, "aspp_1x1")]
@@ -168,12 +190,16 @@ class DenseHeads(nn.Module):
     norm: Any = BatchNorm
 
     @nn.compact
-    def __call__(self, features, output_size: tuple[int, int], train: bool = True) -> Mapping[str, jax.Array]:
+    def __call__(
+        self, features, output_size: tuple[int, int], train: bool = True
+    ) -> Mapping[str, jax.Array]:
         activations = dict(self.activations)
         outputs = {}
         for task, channels in self.tasks:
             z = features[task] if self.per_task_features else features
-            y = DeepLabHead(channels, self.width, self.rates, self.dropout_rate, self.norm, name=task)(z, train)
+            y = DeepLabHead(
+                channels, self.width, self.rates, self.dropout_rate, self.norm, name=task
+            )(z, train)
             y = bilinear_resize_align_corners(y, tuple(output_size))
             outputs[task] = activations[task](y) if task in activations else y
         return outputs

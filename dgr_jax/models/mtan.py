@@ -46,8 +46,10 @@ class MTANEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         if self.backbone.output_stride != 8:
-            raise ValueError("MTAN: the backbone must be dilated (output_stride 8), "
-                             f"got output_stride {self.backbone.output_stride}")
+            raise ValueError(
+                "MTAN: the backbone must be dilated (output_stride 8), "
+                f"got output_stride {self.backbone.output_stride}"
+            )
         sizes = self.backbone.stage_blocks
         if sizes[1] < 2:
             # Stage 2's mask reads the output of its blocks before the last; with one block
@@ -57,12 +59,21 @@ class MTANEncoder(nn.Module):
         stages = self.backbone.stages(x, train, split_last=True)
         # Shared between tasks: bottleneck blocks from stage s's width to stage s+1's.
         norm = self.norm
-        shared_blocks = [Bottleneck(channels[s + 1] // 4, norm=norm, name=f"shared_block{s + 1}") for s in range(3)]
+        shared_blocks = [
+            Bottleneck(channels[s + 1] // 4, norm=norm, name=f"shared_block{s + 1}")
+            for s in range(3)
+        ]
         attended = {}
         for s, (before_last, stage_out) in enumerate(stages):
             for task in self.tasks:
-                inputs = before_last if s == 0 else jnp.concatenate([before_last, attended[task]], axis=-1)
-                mask = AttentionMask(channels[s] // 4, channels[s], norm, name=f"{task}_att{s + 1}")(inputs, train)
+                inputs = (
+                    before_last
+                    if s == 0
+                    else jnp.concatenate([before_last, attended[task]], axis=-1)
+                )
+                mask = AttentionMask(
+                    channels[s] // 4, channels[s], norm, name=f"{task}_att{s + 1}"
+                )(inputs, train)
                 a = mask * stage_out
                 if s < 3:
                     a = shared_blocks[s](a, train)
@@ -70,4 +81,3 @@ class MTANEncoder(nn.Module):
                     a = nn.max_pool(a, (2, 2), strides=(2, 2))
                 attended[task] = a
         return attended
-

@@ -108,7 +108,9 @@ def stage_plan(depth: int, output_stride: int):
         return ((1, 1, 1), (2, 1, 1), (2, 1, 1), (2, 1, 1))
     if output_stride == 8:
         return ((1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4))
-    raise ValueError(f"ResNet-{depth}: output_stride must be 8 (dilated) or 32, got {output_stride}")
+    raise ValueError(
+        f"ResNet-{depth}: output_stride must be 8 (dilated) or 32, got {output_stride}"
+    )
 
 
 class ResNet(nn.Module):
@@ -139,7 +141,9 @@ class ResNet(nn.Module):
         """Stem and four stages. Returns the four stage outputs; with ``split_last``,
         (output before the stage's last block, stage output) pairs, as MTAN needs."""
         if self.depth not in STAGE_SIZES:
-            raise ValueError(f"ResNet: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+            raise ValueError(
+                f"ResNet: depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}"
+            )
         sizes = self.stage_blocks
         if len(sizes) != 4 or min(sizes) < 1:
             raise ValueError(f"ResNet: stage_sizes must be four counts >= 1, got {sizes}")
@@ -174,8 +178,13 @@ def _register(depth: int):
     @register_backbone(f"resnet{depth}")
     def build(config, norm):
         """torchvision's ResNet-{depth}; dilated (DeepLab, output stride 8) when config.dilated."""
-        return ResNet(depth, 8 if config.dilated else 32, config.base_width,
-                      tuple(config.stage_sizes) if config.stage_sizes else None, norm=norm)
+        return ResNet(
+            depth,
+            8 if config.dilated else 32,
+            config.base_width,
+            tuple(config.stage_sizes) if config.stage_sizes else None,
+            norm=norm,
+        )
 
 
 for _depth in STAGE_SIZES:
