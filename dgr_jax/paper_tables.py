@@ -101,7 +101,7 @@ def paper_rows(dataset: str, network: str | None = None) -> dict[str, dict[str, 
     degrees, Δm as a fraction; "Single" has Δm 0). Methods: "Single", then each of
     Vanilla, DWA, Uncertainty, Auto-λ, PCGrad, CAGrad, IMTL, Nash-MTL with and without
     " + Ours" (DGR). ``network``: "split" or "mtan" for nyuv2 / cityscapes, None for
-    utkface. A dataset the paper has no table for gives {}."""
+    utkface. A dataset the paper has no table for raises a one-line ValueError."""
     if dataset == "utkface":
         if network is not None:
             raise ValueError(
@@ -118,7 +118,9 @@ def paper_rows(dataset: str, network: str | None = None) -> dict[str, dict[str, 
         )
         column = _SCENE_NETWORKS.index(network)
         return {method: _row(columns, printed[column]) for method, printed in table.items()}
-    return {}
+    raise ValueError(
+        f"paper_rows: the paper has no table for {dataset!r}; it has utkface, nyuv2, cityscapes"
+    )
 
 
 _PAPER_NAMES = {

@@ -41,7 +41,10 @@ class DatasetSpec:
     eval_split: str = "val"
     needs_data_dir: bool = True
     has_synthetic: bool = True
-    paper_reference: Mapping[str, float] | None = None  # the paper's single-task metrics
+    paper_reference: Mapping[str, float] | None = (
+        None  # the paper's single-task metrics (None: no table)
+    )
+    paper_by_network: bool = True  # the paper's table has a column group per network
 
     @property
     def command(self) -> str:
@@ -49,11 +52,9 @@ class DatasetSpec:
 
     def paper_rows(self, network: str) -> dict:
         """The paper's table rows for this data set and network ({} when it has none)."""
-        return (
-            paper_tables.paper_rows(self.name, None if self.name == "utkface" else network)
-            if self.paper_reference
-            else {}
-        )
+        if not self.paper_reference:
+            return {}
+        return paper_tables.paper_rows(self.name, network if self.paper_by_network else None)
 
     def open(self, config, *, verbose: bool = True) -> Data:
         """The data of ``config`` (folder checked and prepared once, or built-in data)."""
@@ -200,6 +201,7 @@ register(
         _utkface_source,
         eval_split="test",
         paper_reference=paper_tables.PAPER_SINGLE_TASK["utkface"],
+        paper_by_network=False,
     )
 )
 register(

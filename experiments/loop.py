@@ -15,11 +15,12 @@ things go wrong"), never with a lost or half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,31 @@ class StepLog:
 # The run
 
 
+@dataclasses.dataclass
+class Run:
+    """What one run is made of, built once by ``_build`` from its configuration."""
+
+    config: RunConfig
+    workdir: Path
+    tasks: tuple
+    data: Any
+    mesh: Any
+    steps_per_epoch: int
+    total_steps: int
+    init: Callable  # key -> TrainState (pure: its eval_shape is the state's structure)
+    train_step: Callable
+    finish_epoch: Callable
+    evaluate: Evaluator
+    reference: Any
+    checkpoints: Checkpoints
+    writers: reporting.Writers
+    log: Callable[[str], None]
+
+    def close(self) -> None:
+        self.checkpoints.close()  # waits for the saves in flight: the newest checkpoint is whole
+        self.writers.close()
+
+
 def train_and_evaluate(
     config: RunConfig,
     workdir: str | Path,
@@ -258,6 +284,20 @@ def train_and_evaluate(
     """
     main_process = jax.process_index() == 0
     workdir = prepare_workdir(workdir, resume=resume, overwrite=overwrite, log=log)
+    run = _build(config, workdir, log)
+    try:
+        state, position = _resume(run) if resume else _start(run)
+        log(_describe(run))
+        with SignalGuard() as signals:
+            summary = _train(run, state, position, signals, stop_after, progress and main_process)
+    finally:
+        run.close()
+    if main_process and "metrics" in summary:
+        reporting.write_summary(workdir, summary, config, run.tasks, log)
+    return summary
+
+
+def _build(config: RunConfig, workdir: Path, log) -> Run:
     tasks, train = config.task_records(), config.train
     mesh = parallel.make_mesh(train.num_devices)
     parallel.check_global_batch_size(train.batch_size, mesh)
@@ -276,106 +316,85 @@ def train_and_evaluate(
             net, optimizer, key, sample, config.dgr.num_dummy, method, len(tasks)
         )
 
-    key = jax.random.PRNGKey(train.seed)
     reference = config.reference if config.reference is not None else config.spec.paper_reference
-    checkpoints = Checkpoints(workdir)
-    writers = reporting.Writers(workdir, main_process)
-    try:
-        if resume:
-            check_resumable(checkpoints, config)
-            abstract = jax.tree_util.tree_map(
-                lambda s: jax.ShapeDtypeStruct(
-                    s.shape, s.dtype, sharding=parallel.replicated(mesh)
-                ),
-                jax.eval_shape(init, key),
-            )
-            try:
-                state, position, _ = checkpoints.restore_newest(abstract, log)
-            except CheckpointError as error:
-                raise RunError(f"--resume: {error}") from None
-            step = int(state.step)
-            if main_process:
-                for kind in ("train", "eval"):
-                    drop_rows_after(workdir / f"{kind}.jsonl", step)
-            log(
-                f"resumed from step {step} (epoch {position['epoch']}, step {position['step_in_epoch']} in it)"
-            )
-        else:
-            state = jax.jit(init, out_shardings=parallel.replicated(mesh))(key)
-            position = {"epoch": 0, "step_in_epoch": 0}
-        if config.reference is None and reference and config.data.synthetic:
-            log(
-                "note: Δm is against the paper's single-task results on the real data set; on built-in data "
-                "pass --reference with your own single-task runs' summary.json for a meaningful Δm"
-            )
-        train_step = parallel.jit_train_step(
-            make_train_step(net, tasks, config.dgr, optimizer, method), mesh
-        )
-        finish_epoch = jax.jit(
-            lambda s: end_epoch(method, s), out_shardings=parallel.replicated(mesh)
-        )
-        evaluate = Evaluator(net, tasks, reference)
-        dgr = config.dgr
+    if config.reference is None and reference and config.data.synthetic:
         log(
-            f"{config.dataset}: {config.model.network} {config.model.backbone}, tasks "
-            f"{', '.join(t.name for t in tasks)}, weighting {config.method.name}, "
-            f"DGR {f'λ={dgr.weight} ({dgr.estimator}, K={dgr.num_dummy})' if dgr.on else 'off'}; "
-            f"{data.description}; {steps_per_epoch} steps/epoch, {total_steps} steps on {mesh.shape['data']} device(s)"
+            "note: Δm is against the paper's single-task results on the real data set; on built-in data "
+            "pass --reference with your own single-task runs' summary.json for a meaningful Δm"
         )
-        with SignalGuard() as signals:
-            summary = _run(
-                config,
-                tasks,
-                data,
-                mesh,
-                state,
-                position,
-                total_steps,
-                steps_per_epoch,
-                train_step,
-                finish_epoch,
-                evaluate,
-                checkpoints,
-                writers,
-                signals,
-                stop_after,
-                progress and main_process,
-                log,
-            )
-    finally:
-        checkpoints.close()  # waits for the saves in flight: the newest checkpoint is whole
-        writers.close()
-    if main_process and "metrics" in summary:
-        reporting.write_summary(workdir, summary, config, tasks, log)
-    return summary
+    replicated = parallel.replicated(mesh)
+    return Run(
+        config=config,
+        workdir=workdir,
+        tasks=tasks,
+        data=data,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        init=init,
+        train_step=parallel.jit_train_step(
+            make_train_step(net, tasks, config.dgr, optimizer, method), mesh
+        ),
+        finish_epoch=jax.jit(lambda s: end_epoch(method, s), out_shardings=replicated),
+        evaluate=Evaluator(net, tasks, reference),
+        reference=reference,
+        checkpoints=Checkpoints(workdir),
+        writers=reporting.Writers(workdir, jax.process_index() == 0),
+        log=log,
+    )
 
 
-def _run(
-    config,
-    tasks,
-    data,
-    mesh,
-    state,
-    position,
-    total_steps,
-    steps_per_epoch,
-    train_step,
-    finish_epoch,
-    evaluate,
-    checkpoints,
-    writers,
-    signals,
-    stop_after,
-    progress,
-    log,
-) -> dict:
+def _start(run: Run):
+    key = jax.random.PRNGKey(run.config.train.seed)
+    state = jax.jit(run.init, out_shardings=parallel.replicated(run.mesh))(key)
+    return state, {"epoch": 0, "step_in_epoch": 0}
+
+
+def _resume(run: Run):
+    """The newest good checkpoint, restored into the abstract state, after checking that
+    the saved configuration is this one; the logs lose the rows after it."""
+    check_resumable(run.checkpoints, run.config)
+    key = jax.random.PRNGKey(run.config.train.seed)
+    replicated = parallel.replicated(run.mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        jax.eval_shape(run.init, key),
+    )
+    try:
+        state, position, _ = run.checkpoints.restore_newest(abstract, run.log)
+    except CheckpointError as error:
+        raise RunError(f"--resume: {error}") from None
+    step = int(state.step)
+    if jax.process_index() == 0:
+        for kind in ("train", "eval"):
+            drop_rows_after(run.workdir / f"{kind}.jsonl", step)
+    run.log(
+        f"resumed from step {step} (epoch {position['epoch']}, step {position['step_in_epoch']} in it)"
+    )
+    return state, position
+
+
+def _describe(run: Run) -> str:
+    config, dgr = run.config, run.config.dgr
+    return (
+        f"{config.dataset}: {config.model.network} {config.model.backbone}, tasks "
+        f"{', '.join(t.name for t in run.tasks)}, weighting {config.method.name}, "
+        f"DGR {f'λ={dgr.weight} ({dgr.estimator}, K={dgr.num_dummy})' if dgr.on else 'off'}; "
+        f"{run.data.description}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps on "
+        f"{run.mesh.shape['data']} device(s)"
+    )
+
+
+def _train(run: Run, state, position, signals: SignalGuard, stop_after, progress) -> dict:
     """The loop: steps, epoch ends (method update, checkpoint, evaluation), signals."""
+    config, checkpoints = run.config, run.checkpoints
     step = int(state.step)
     epoch, start = position["epoch"], position["step_in_epoch"]
-    steps_log = StepLog(writers, checkpoints)
+    steps_log = StepLog(run.writers, checkpoints)
     history, last = [], None
-    bar = reporting.progress_bar(total_steps, step, progress)
+    bar = reporting.progress_bar(run.total_steps, step, progress)
     config_json = config.as_dict()
+    names = {"image"} | {t.name for t in run.tasks}
 
     def save(at_epoch, at_step):
         steps_log.flush()  # never save a state whose step was not finite
@@ -383,67 +402,62 @@ def _run(
             step, state, {"epoch": at_epoch, "step_in_epoch": at_step, "config": config_json}
         )
 
+    def evaluate():
+        metrics, paper = run.evaluate(state, run.data.evaluation())
+        row = {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}
+        run.writers.scalars(step, row, "eval")
+        return metrics, paper, row
+
     try:
-        while step < total_steps:
-            for batch in data.train_epoch(epoch, start):
-                batch = {
-                    k: v for k, v in batch.items() if k == "image" or k in {t.name for t in tasks}
-                }
-                state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+        while step < run.total_steps:
+            for batch in run.data.train_epoch(epoch, start):
+                batch = {k: v for k, v in batch.items() if k in names}
+                state, metrics = run.train_step(state, parallel.global_batch(batch, run.mesh))
                 step, start = step + 1, start + 1
                 steps_log.push(step, metrics)
                 bar.update(1)
                 if signals.received is not None:
                     save(epoch, start)
                     checkpoints.wait()
-                    name = SignalGuard.SIGNALS[signals.received]
                     raise Stopped(
-                        f"stopped by {name} at step {step}; checkpoint saved; rerun with --resume",
+                        f"stopped by {SignalGuard.SIGNALS[signals.received]} at step {step}; "
+                        "checkpoint saved; rerun with --resume",
                         128 + int(signals.received),
                     )
                 if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
                     save(epoch, start)
-                if step >= total_steps or (stop_after is not None and step >= stop_after):
+                if step >= run.total_steps or (stop_after is not None and step >= stop_after):
                     break
             steps_log.flush()
-            epoch_done = start >= steps_per_epoch
+            epoch_done = start >= run.steps_per_epoch
             if epoch_done:
-                state = finish_epoch(state)
+                state = run.finish_epoch(state)
                 epoch, start = epoch + 1, 0
             save(epoch, start)
-            if epoch_done and (epoch % config.train.eval_every == 0 or step >= total_steps):
-                last = evaluate(state, data.evaluation())
-                metrics, paper = last
+            if epoch_done and (epoch % config.train.eval_every == 0 or step >= run.total_steps):
+                last = evaluate()
+                metrics, paper, row = last
                 if math.isfinite(metrics.get("delta_m", math.nan)):
                     checkpoints.save_best(
                         step, state, {"epoch": epoch, "step_in_epoch": 0}, metrics
                     )
-                row = {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}
-                writers.scalars(step, row, "eval")
                 history.append({"step": step, **row})
                 bar.write(
-                    f"epoch {epoch} step {step}: " + reporting.format_metrics(metrics, paper, tasks)
+                    f"epoch {epoch} step {step}: "
+                    + reporting.format_metrics(metrics, paper, run.tasks)
                 )
-            if stop_after is not None and step >= stop_after and step < total_steps:
-                log(f"stopped after step {step}; resume with --resume")
+            if stop_after is not None and stop_after <= step < run.total_steps:
+                run.log(f"stopped after step {step}; resume with --resume")
                 return {"stopped_at": step}
     finally:
         bar.close()
-    if last is None:
-        last = evaluate(state, data.evaluation())
-        metrics, paper = last
-        writers.scalars(
-            step, {"epoch": epoch, **metrics, **{f"paper/{k}": v for k, v in paper.items()}}, "eval"
-        )
-    metrics, paper = last
+    metrics, paper, _ = last if last is not None else evaluate()
     return {
         "config": config_json,
         "steps": step,
         "metrics": metrics,
         "metrics_paper": paper,
         "conventions": reporting.METRIC_CONVENTIONS,
-        "reference": config.reference
-        if config.reference is not None
-        else config.spec.paper_reference,
+        "reference": run.reference,
         "history": history,
     }
