@@ -5,19 +5,51 @@ precision; tests that need float32 say so explicitly. Rank promotion raises, so 
 shape bug fails loudly instead of broadcasting silently.
 """
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Many tests compile the same tiny step (a run, then its resume; one configuration under
+# several faults), in this process or in a child. One persistent compilation cache for the
+# session, shared with xdist workers and child processes through the environment, lets each
+# program compile once. The first process creates it (so every CI run starts empty) and
+# removes it at the end; a cache the caller set is used and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dgr_jax_test_xla_")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
 _FINDINGS: list[str] = []
 
 
 @pytest.fixture
-def report():
-    """Call ``report(text)`` to print ``text`` in the summary at the end of the run."""
-    return _FINDINGS.append
+def report(request):
+    """Call ``report(text)`` to print ``text`` in the summary at the end of the run. The
+    text travels with the test's report, so it reaches the summary from xdist workers."""
+    return lambda text: request.node.user_properties.append(("finding", text))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _FINDINGS.extend(value for name, value in report.user_properties if name == "finding")
 
 
 def pytest_terminal_summary(terminalreporter):

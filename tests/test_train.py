@@ -71,7 +71,7 @@ def as64(tree):
     )
 
 
-@pytest.mark.parametrize("squared, num_dummy", [(True, 3), (False, 1)])
+@pytest.mark.parametrize("squared, num_dummy", [(True, 2), (False, 1)])
 def test_paper_estimator_approximates_gradient_of_norm_or_squared_norm(setup, squared, num_dummy):
     """float64, tiny eps: the original algorithm estimates d/d theta of lambda/K sum ||g_d||^2
     (``squared``) or of lambda/K sum ||g_d||."""
@@ -255,9 +255,9 @@ def test_gradient_method_path_combines_task_gradients_then_adds_dgr(setup):
     method = MTLMethod(
         init=equal.init, loss=equal.loss, combine=normalised_sum, needs_task_grads=True
     )
-    dgr = DGRConfig(weight=0.3, num_dummy=2)
+    dgr = DGRConfig(weight=0.3, num_dummy=1)
     optimizer = optax.sgd(1.0)  # new params = old - grads
-    state = init_train_state(net, optimizer, jax.random.PRNGKey(2), batch["image"], 2, method)
+    state = init_train_state(net, optimizer, jax.random.PRNGKey(2), batch["image"], 1, method)
     new_state, _ = jax.jit(make_train_step(net, NYUV2, dgr, optimizer, method))(state, batch)
     applied = jax.tree_util.tree_map(
         lambda a, b: np.asarray(a) - np.asarray(b), state.params, new_state.params
@@ -272,7 +272,8 @@ def test_gradient_method_path_combines_task_gradients_then_adds_dgr(setup):
         )
         return per_task[index] if index < len(NYUV2) else dgr.weight * penalty
 
-    grads = [jax.grad(part)(model, i) for i in range(len(NYUV2) + 1)]
+    grad = jax.jit(jax.grad(part), static_argnums=1)
+    grads = [grad(model, i) for i in range(len(NYUV2) + 1)]
     flat = [
         np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g["encoder"])])
         for g in grads
