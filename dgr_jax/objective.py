@@ -79,6 +79,26 @@ def _forward(net, params, batch_stats, images, rng):
     return features, outputs, updates["batch_stats"]
 
 
+def _losses_and_penalty(net, tasks, dgr, dummy_sets, features, outputs, batch):
+    """The task losses of ``outputs`` and the DGR penalty of the dummy sets on ``features``."""
+    losses = task_losses(tasks)
+    per_task = jnp.stack([losses[t.name](outputs[t.name], batch[t.name]) for t in tasks])
+    penalty = jnp.zeros((), per_task.dtype)
+    if dgr.on and dgr.estimator != "paper":
+        penalty = heads_penalty(
+            heads_apply_fn(net.heads, batch["image"].shape[1:3]),
+            dummy_sets,
+            features,
+            {t.name: batch[t.name] for t in tasks},
+            losses,
+            estimator=dgr.estimator,
+            squared=dgr.squared,
+            fd_eps=dgr.fd_eps,
+            unroll_sets=dgr.unrolled(),
+        )
+    return per_task, penalty
+
+
 def task_losses_and_penalty(
     net: MultiTaskNet,
     tasks: Sequence[Task],
@@ -97,22 +117,47 @@ def task_losses_and_penalty(
     """
     images = batch["image"]
     features, outputs, new_batch_stats = _forward(net, params, batch_stats, images, rng)
-    losses = task_losses(tasks)
-    per_task = jnp.stack([losses[t.name](outputs[t.name], batch[t.name]) for t in tasks])
-    penalty = jnp.zeros((), per_task.dtype)
-    if dgr.on and dgr.estimator != "paper":
-        penalty = heads_penalty(
-            heads_apply_fn(net.heads, images.shape[1:3]),
-            dummy_sets,
-            features,
-            {t.name: batch[t.name] for t in tasks},
-            losses,
-            estimator=dgr.estimator,
-            squared=dgr.squared,
-            fd_eps=dgr.fd_eps,
-            unroll_sets=dgr.unrolled(),
-        )
+    per_task, penalty = _losses_and_penalty(net, tasks, dgr, dummy_sets, features, outputs, batch)
     return per_task, penalty, new_batch_stats
+
+
+def encode(net: MultiTaskNet, encoder_params: PyTree, batch_stats: PyTree, images, rng):
+    """The encoder alone in training mode: ``(features, new encoder batch_stats)``."""
+    features, updates = net.encoder.apply(
+        {"params": encoder_params, "batch_stats": batch_stats.get("encoder", {})},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
+    return features, updates.get("batch_stats", {})
+
+
+def task_losses_and_penalty_on_features(
+    net: MultiTaskNet,
+    tasks: Sequence[Task],
+    dgr: DGRConfig,
+    heads_params: PyTree,
+    batch_stats: PyTree,
+    dummy_sets: PyTree,
+    features: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+):
+    """``task_losses_and_penalty`` from given shared ``features`` (the encoder's output):
+    ``(task_losses (T,), penalty, new heads batch_stats)``. With :func:`encode` it is the
+    same objective, split where representation-level methods combine gradients."""
+    images = batch["image"]
+    outputs, updates = net.heads.apply(
+        {"params": heads_params, "batch_stats": batch_stats.get("heads", {})},
+        features,
+        images.shape[1:3],
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
+    per_task, penalty = _losses_and_penalty(net, tasks, dgr, dummy_sets, features, outputs, batch)
+    return per_task, penalty, updates.get("batch_stats", {})
 
 
 def paper_dgr_encoder_grads(

@@ -25,9 +25,11 @@ from dgr_jax.methods import MTLMethod, per_task_gradients, weighted_sum
 from dgr_jax.models import MultiTaskNet
 from dgr_jax.objective import (
     DGRConfig,
+    encode,
     paper_dgr_encoder_grads,
     repeat_running_stats_update,
     task_losses_and_penalty,
+    task_losses_and_penalty_on_features,
 )
 from dgr_jax.penalty import init_dummy_sets
 from dgr_jax.tasks import Task
@@ -89,7 +91,10 @@ def make_train_step(
     Loss-weighting methods take one backward pass of ``total + lambda * P`` (the gradient
     is linear); gradient methods (``method.needs_task_grads``) get the per-task gradients
     from ``methods.per_task_gradients`` (T + 1 VJPs sharing one forward), combine the
-    encoder's, and DGR's gradient is added after the combination.
+    encoder's, and DGR's gradient is added after the combination. Representation-level
+    methods (``method.level == "representation"``) get the per-task gradients of the
+    shared features instead (VJPs through the heads only), and the combined feature
+    gradient plus DGR's goes back through the encoder in one VJP.
     """
     method = method or methods.equal()
     num_tasks = len(tasks)
@@ -126,7 +131,7 @@ def make_train_step(
                 total_loss, has_aux=True
             )(params)
             method_state = state.method_state
-        else:
+        elif method.level == "parameters":
             per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
                 objective, model_params, num_tasks
             )
@@ -136,9 +141,57 @@ def make_train_step(
             encoder, method_state = method.combine(
                 task_grads["encoder"], per_task, weights, state.method_state
             )
-            heads, _ = weighted_sum(task_grads["heads"], per_task, weights, state.method_state)
+            heads = _head_grads(method, task_grads["heads"], per_task, weights, method_state)
             grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
             grads["method"] = method_grads
+            total = method_total + dgr_term
+        else:  # "representation": combine d l_t / d features, backpropagate the encoder once
+            features, encoder_vjp, encoder_stats = jax.vjp(
+                lambda p: encode(net, p, state.batch_stats, batch["image"], dropout_rng),
+                params["encoder"],
+                has_aux=True,
+            )
+            if isinstance(features, Mapping):
+                raise ValueError(
+                    f"{method.level}-level methods need one shared representation; this "
+                    f"network's features are per task ({', '.join(features)}): use a Split network"
+                )
+
+            def on_features(p):
+                per_task, penalty, head_stats = task_losses_and_penalty_on_features(
+                    net,
+                    tasks,
+                    dgr,
+                    p["heads"],
+                    state.batch_stats,
+                    state.dummy_sets,
+                    p["features"],
+                    batch,
+                    dropout_rng,
+                )
+                return (per_task, dgr.weight * penalty), (penalty, head_stats)
+
+            per_task, dgr_term, task_grads, dgr_grads, (penalty, head_stats) = per_task_gradients(
+                on_features, {"heads": params["heads"], "features": features}, num_tasks
+            )
+            (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
+                params["method"], per_task, state.method_state
+            )
+            combined, method_state = method.combine(
+                task_grads["features"], per_task, weights, state.method_state
+            )
+            (encoder,) = encoder_vjp(
+                jax.tree_util.tree_map(jnp.add, combined, dgr_grads["features"])
+            )
+            heads = _head_grads(method, task_grads["heads"], per_task, weights, method_state)
+            grads = {
+                "encoder": encoder,
+                "heads": jax.tree_util.tree_map(jnp.add, heads, dgr_grads["heads"]),
+                "method": method_grads,
+            }
+            batch_stats = {**state.batch_stats, "encoder": encoder_stats}
+            if head_stats:
+                batch_stats["heads"] = head_stats
             total = method_total + dgr_term
         if paper:
             extra = paper_dgr_encoder_grads(
@@ -152,6 +205,7 @@ def make_train_step(
         metrics = {f"loss/{t.name}": per_task[i] for i, t in enumerate(tasks)}
         metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
         metrics["loss/total"] = total
+        metrics.update({f"method/{k}": v for k, v in method.metrics(method_state).items()})
         metrics["dgr/penalty"] = penalty
         if paper:
             metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
@@ -169,6 +223,13 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def _head_grads(method, head_task_grads, per_task, weights, method_state):
+    """Each head's gradient: its task's, times the method's head weight (``weights`` for
+    every method but Nash-MTL's)."""
+    head_weights = method.head_weights(method_state, weights)
+    return weighted_sum(head_task_grads, per_task, head_weights, method_state)[0]
 
 
 def end_epoch(method: MTLMethod, state: TrainState) -> TrainState:

@@ -394,7 +394,9 @@ def parse_method_args(method: str, text: str) -> tuple[tuple[str, object], ...]:
             )
         default = known[key]
         try:
-            if isinstance(default, bool):
+            if isinstance(default, str):
+                converted = value
+            elif isinstance(default, bool):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 converted = value.lower() in ("true", "1")

@@ -149,6 +149,14 @@ class RunConfig:
         _one_of("RunConfig", "dataset", self.dataset, tuple(datasets.DATASETS))
         spec = self.spec
         _one_of("ModelConfig", "network", self.model.network, spec.networks)
+        if self.model.network == "mtan" and self.method.build().level == "representation":
+            raise ConfigError(
+                "MethodConfig",
+                "name",
+                f"{self.method.name} combines gradients of one shared representation, and "
+                "mtan's features are per task; use --network split "
+                "(or, for mgda, --method_args level=parameters)",
+            )
         if self.tasks.names is not None:
             available = [t.name for t in spec.tasks]
             unknown = [t for t in self.tasks.names if t not in available]

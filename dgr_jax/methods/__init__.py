@@ -1,7 +1,7 @@
 """Multi-task methods behind one optax-style interface (``base.MTLMethod``).
 
-One module per family (``weighting``: loss weighting; gradient methods join as their
-own modules); each exports its factories in a ``METHODS`` dict, merged here into the
+One module per family (``weighting``: loss weighting; ``gradients``: methods that
+combine per-task gradients, with their on-device ``solvers``); each exports its factories in a ``METHODS`` dict, merged here into the
 registry that ``--weighting NAME`` reads::
 
     method = get_method("uncertainty", initial_log_var=-0.7)
@@ -13,11 +13,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from dgr_jax.methods import weighting
+from dgr_jax.methods import gradients, weighting
 from dgr_jax.methods.base import MTLMethod, NoState, per_task_gradients, weighted_sum
 from dgr_jax.methods.weighting import DWAState, UncertaintyParams, dwa, equal, uncertainty
 
-METHODS: dict[str, Callable[..., MTLMethod]] = {**weighting.METHODS}
+METHODS: dict[str, Callable[..., MTLMethod]] = {**weighting.METHODS, **gradients.METHODS}
 
 
 def method_arguments(name: str) -> dict[str, Any]:

@@ -30,6 +30,15 @@ which method it runs:
     :func:`per_task_gradients`, calls ``combine`` and only then adds DGR's gradient
     ``lambda * grad P``, as the original code does; task heads and method parameters
     still get ``grad total``.
+``level``
+    ``"parameters"``: ``combine`` gets the per-task gradients of the shared parameters.
+    ``"representation"``: of the shared representation (the encoder's output) instead;
+    the step pulls the combined gradient, plus DGR's, back through the encoder once.
+``head_weights(state, weights) -> weights``
+    The weight of each task's gradient in its own head, from the state ``combine``
+    returned. Default: ``weights``.
+``metrics(state) -> dict``
+    Scalars the step logs as ``method/<name>`` (a solver's residual). Default: none.
 ``decay_params``
     Whether ``params`` get the model's weight decay (the original code puts uncertainty's
     log-variances in the same SGD parameter group as the network's weights).
@@ -80,6 +89,16 @@ def unchanged(state: PyTree) -> PyTree:
     return state
 
 
+def same_weights(state: PyTree, weights: jax.Array) -> jax.Array:
+    del state
+    return weights
+
+
+def no_metrics(state: PyTree) -> dict:
+    del state
+    return {}
+
+
 class MTLMethod(NamedTuple):
     """A multi-task method; see the module docstring for each field's contract."""
 
@@ -90,6 +109,9 @@ class MTLMethod(NamedTuple):
     end_epoch: Callable[[PyTree], PyTree] = unchanged
     needs_task_grads: bool = False
     decay_params: bool = False
+    level: str = "parameters"
+    head_weights: Callable[[PyTree, jax.Array], jax.Array] = same_weights
+    metrics: Callable[[PyTree], dict] = no_metrics
 
 
 def check_num_tasks(name: str, num_tasks: int) -> None:

@@ -136,4 +136,32 @@ def uncertainty(
     return MTLMethod(init=init, loss=loss, decay_params=bool(weight_decay))
 
 
-METHODS = {"equal": equal, "dwa": dwa, "uncertainty": uncertainty}
+class RLWState(NamedTuple):
+    key: jax.Array  # this step's weights come from it; ``update`` advances it
+
+
+def rlw() -> MTLMethod:
+    """Random Loss Weighting (Lin et al., "Reasonable Effectiveness of Random Weighting",
+    TMLR 2022): each step ``w = softmax(z)``, ``z ~ N(0, I)``, from the state's PRNG key
+    (the weights sum to 1, as in the paper), constants for the gradient."""
+
+    def init(num_tasks, dtype=jnp.float32):
+        del dtype
+        check_num_tasks("rlw", num_tasks)
+        return NoState(), RLWState(key=jax.random.PRNGKey(num_tasks))
+
+    def loss(params, task_losses, state):
+        del params
+        check_losses("rlw", task_losses)
+        z = jax.random.normal(state.key, task_losses.shape, task_losses.dtype)
+        weights = jax.lax.stop_gradient(jax.nn.softmax(z))
+        return jnp.sum(weights * task_losses), weights
+
+    def update(state, task_losses, num_examples=1):
+        del task_losses, num_examples
+        return RLWState(key=jax.random.split(state.key)[0])
+
+    return MTLMethod(init=init, loss=loss, update=update)
+
+
+METHODS = {"equal": equal, "dwa": dwa, "uncertainty": uncertainty, "rlw": rlw}
