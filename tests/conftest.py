@@ -15,6 +15,14 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The tests' programs are tiny, so their time is XLA's compile time; LLVM's optimisation
+# level 0 compiles CPU programs about a quarter faster (child processes inherit it).
+# Must be set before the first JAX computation initialises the backend.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
 # Many tests compile the same tiny step (a run, then its resume; one configuration under
 # several faults), in this process or in a child. One persistent compilation cache for the
 # session, shared with xdist workers and child processes through the environment, lets each

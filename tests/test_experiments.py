@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from experiments import cityscapes, nyuv2, penalty_benchmark, step_benchmark, utkface
+from experiments import (
+    cityscapes,
+    method_benchmark,
+    nyuv2,
+    penalty_benchmark,
+    step_benchmark,
+    utkface,
+)
 
 # Full-size counts derived by hand from the PyTorch layer shapes (see test_models.py for
 # the formulas): ResNet-50 trunk; DeepLabHead(2048, c) = 16,125,440 + 257 c; MTAN adds
@@ -121,3 +128,17 @@ def test_benchmarks_reject_bad_flags_in_one_line(capsys, entry, argv, message):
         entry.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_method_benchmark_reports_every_configuration_against_equal(tmp_path):
+    path = tmp_path / "methods.json"
+    method_benchmark.main(
+        SMALL + ["--num_dummy", "1", "--methods", "graddrop", "--no_dgr", "--json", str(path)]
+    )
+    result = json.loads(path.read_text())
+    assert set(result["methods"]) == {"equal", "graddrop"} and result["methods_dgr"] == {}
+    equal, graddrop = result["methods"]["equal"], result["methods"]["graddrop"]
+    assert equal["ratio_to_vanilla"] == 1.0
+    ratio = graddrop["median_s"] / equal["median_s"]
+    assert abs(graddrop["ratio_to_vanilla"] - ratio) < 1e-12
+    assert graddrop["combine_s"] > 0 and "combine_s" not in equal

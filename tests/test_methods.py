@@ -1,7 +1,9 @@
 """MTL methods: each against a hand computation, and the interface through the library's
 own ``per_task_gradients`` and ``train.make_train_step``."""
 
+import json
 import math
+import os
 
 import chex
 import jax
@@ -362,3 +364,61 @@ def test_every_method_trains_three_steps_with_and_without_dgr(tiny_classifier, n
         assert int(state.step) == 3
         if "method/residual" in metrics:
             assert float(metrics["method/residual"]) < 1e-3, name
+
+
+METHODS_SHARDED_SCRIPT = """
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+import json, sys
+import jax.numpy as jnp, numpy as np, optax
+from dgr_jax import parallel
+from dgr_jax.methods import get_method
+from dgr_jax.models import ModelConfig, build_model
+from dgr_jax.objective import DGRConfig
+from dgr_jax.tasks import MULTIDIGITS
+from dgr_jax.train import init_train_state, make_train_step
+from experiments._bench import random_batch
+
+net = build_model(ModelConfig(network="classifier", backbone="resnet18", base_width=4,
+                              stage_sizes=(1, 1, 1, 1), classifier_hidden=8), MULTIDIGITS)
+batch = random_batch(MULTIDIGITS, 8, 12, 24)
+optimizer = optax.sgd(0.05, momentum=0.9)
+results = {}
+for name in sys.argv[1:]:
+    method = get_method(name)
+    step = make_train_step(net, MULTIDIGITS, DGRConfig(weight=0.3, num_dummy=1), optimizer, method)
+    for devices in (1, 4):
+        mesh = parallel.make_mesh(devices)
+        state = init_train_state(net, optimizer, jax.random.PRNGKey(0),
+                                 jnp.asarray(batch["image"][:1]), 1, method, 2)
+        state = parallel.replicate(state, mesh)
+        jitted = parallel.jit_train_step(step, mesh)
+        for _ in range(2):
+            state, metrics = jitted(state, parallel.global_batch(batch, mesh))
+        leaves = jax.tree_util.tree_leaves(jax.device_get((state.params, state.method_state)))
+        results[f"{name}/{devices}"] = np.concatenate(
+            [np.ravel(x).astype(np.float64) for x in leaves]).tolist()
+json.dump(results, sys.stdout)
+"""
+
+
+def test_gradient_methods_make_the_same_update_on_four_devices_as_on_one():
+    """The methods act on the global batch's task gradients, so 4 data-parallel devices
+    give one device's update (PRNG-driven ones too: the key is replicated)."""
+    import subprocess
+    import sys
+
+    names = ["pcgrad", "nash_mtl", "cagrad", "graddrop"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", METHODS_SHARDED_SCRIPT, *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in names:
+        one, four = np.asarray(results[f"{name}/1"]), np.asarray(results[f"{name}/4"])
+        assert np.linalg.norm(four - one) / np.linalg.norm(one) < 1e-5, name

@@ -133,9 +133,12 @@ def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
     task_grads, extra_grads, aux)``: ``task_grads`` holds ``d task_losses[t] / d params``
     stacked on a leading axis of size T, ``extra_grads`` is ``d extra / d params``.
 
-    One forward, T + 1 VJPs of it. Not ``jax.vmap`` over the cotangents: under jit
-    (jax 0.10.2, CPU) that gave wrong rows for the normal task (tested against separate
-    ``jax.grad`` calls).
+    One forward, T + 1 VJPs of it, one after another. Not ``jax.vmap`` over the
+    cotangents: on jax 0.10.2 (CPU) the vmapped VJP agrees with separate ``jax.grad``
+    calls to 4e-7 when it is jitted alone (Split and MTAN, either normal loss, dropout,
+    the DGR row), but inside the whole jitted train step its combined encoder gradient is
+    38% off (tests/test_train.py, gradient-method path); until that is reduced to a
+    minimal case, the loop is what the step uses.
     """
     (task_losses, extra), vjp, aux = jax.vjp(objective, params, has_aux=True)
     if task_losses.shape != (num_tasks,):
@@ -143,9 +146,7 @@ def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
             f"per_task_gradients: the objective returned task losses of shape "
             f"{task_losses.shape}, expected ({num_tasks},)"
         )
-    cotangents = jnp.eye(
-        num_tasks + 1, dtype=task_losses.dtype
-    )  # one row per task, then the extra term
+    cotangents = jnp.eye(num_tasks + 1, dtype=task_losses.dtype)  # a row per task, then extra
     rows = [vjp((c[:num_tasks], c[num_tasks].astype(extra.dtype)))[0] for c in cotangents]
     task_grads = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *rows[:num_tasks])
     return task_losses, extra, task_grads, rows[num_tasks], aux
