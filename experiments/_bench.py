@@ -7,6 +7,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -113,6 +115,17 @@ def print_table(header: list[str], rows: list[list]):
         )
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def run_in_child(module: str, argv: list[str], label: str) -> dict:
+    """``python -m module *argv`` in a fresh process (so its peak memory is its own); the
+    JSON object on the last line of its stdout. A failing child ends the run in one line
+    after the tail of its stderr."""
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"{module.rsplit('.', 1)[-1]}: {label} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def write_json(path: str | None, payload: dict):

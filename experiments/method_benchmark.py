@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 from experiments import _bench
 
@@ -142,22 +140,11 @@ def main(argv=None):
         for name in names:
             label = f"{name}{' + DGR' if with_dgr else ''}"
             print(f"  running {label} in its own process ...", flush=True)
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "experiments.method_benchmark",
-                    *forwarded,
-                    "--child",
-                    f"{name}:{int(with_dgr)}",
-                ],
-                capture_output=True,
-                text=True,
+            figures = _bench.run_in_child(
+                "experiments.method_benchmark",
+                [*forwarded, "--child", f"{name}:{int(with_dgr)}"],
+                label,
             )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr[-3000:])
-                raise SystemExit(f"method_benchmark: {label} failed (exit {proc.returncode})")
-            figures = json.loads(proc.stdout.strip().splitlines()[-1])
             device = figures.pop("device")
             results["methods_dgr" if with_dgr else "methods"][name] = figures
     vanilla = results["methods"]["equal"]["median_s"]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 from experiments import _bench
 
@@ -134,15 +132,9 @@ def main(argv=None):
     )
     for mode in args.modes:
         print(f"  running {mode} in its own process ...", flush=True)
-        proc = subprocess.run(
-            [sys.executable, "-m", "experiments.step_benchmark", *forwarded, "--child_mode", mode],
-            capture_output=True,
-            text=True,
+        figures = _bench.run_in_child(
+            "experiments.step_benchmark", [*forwarded, "--child_mode", mode], f"mode {mode}"
         )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"step_benchmark: mode {mode} failed (exit {proc.returncode})")
-        figures = json.loads(proc.stdout.strip().splitlines()[-1])
         device = figures.pop("device")
         results[mode] = figures
     print(f"device: {device}\n")
