@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from dgr_jax import methods
-from dgr_jax.methods import MTLMethod, per_task_gradients, weighted_sum
+from dgr_jax.methods import LookAhead, MTLMethod, per_task_gradients, weighted_sum
+from dgr_jax.methods.base import clip_by_norm
 from dgr_jax.models import MultiTaskNet
 from dgr_jax.objective import (
     DGRConfig,
@@ -66,7 +67,8 @@ def init_train_state(
     dummy_sets = init_dummy_sets(
         net.heads, key_dummy, num_dummy, features, sample_images.shape[1:3], train=False
     )
-    method_params, method_state = method.init(num_tasks or len(outputs))
+    shared = {"shared": variables["params"]["encoder"]} if method.shared_state else {}
+    method_params, method_state = method.init(num_tasks or len(outputs), **shared)
     params = {**variables["params"], "method": method_params}
     return TrainState(
         params=params,
@@ -102,6 +104,25 @@ def make_train_step(
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_rng = jax.random.split(state.rng)
+        batch, heldout = split_heldout(batch)
+        if method.lookahead is not None and not heldout:
+            raise ValueError(
+                f"this method looks ahead on a held-out batch: the batch needs '{HELDOUT}<name>' keys"
+            )
+        params = state.params
+
+        def losses_at(model_params, batch, rng):
+            """The task losses alone (training mode; BatchNorm's updates dropped)."""
+            return task_losses_and_penalty(
+                net, tasks, DGRConfig(), model_params, state.batch_stats, state.dummy_sets, batch, rng
+            )[0]
+
+        def virtual_step(model_grads):
+            """The parameters the optimizer would give for ``model_grads`` (differentiable)."""
+            grads = {**model_grads, "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"])}
+            updates, _ = optimizer.update(grads, state.opt_state, params)
+            after = optax.apply_updates(params, updates)
+            return {"encoder": after["encoder"], "heads": after["heads"]}
 
         def objective(model_params):
             per_task, penalty, batch_stats = task_losses_and_penalty(
@@ -116,7 +137,6 @@ def make_train_step(
             )
             return (per_task, dgr.weight * penalty), (penalty, batch_stats)
 
-        params = state.params
         model_params = {"encoder": params["encoder"], "heads": params["heads"]}
         if not method.needs_task_grads:
 
@@ -125,27 +145,53 @@ def make_train_step(
                     {"encoder": params["encoder"], "heads": params["heads"]}
                 )
                 total, weights = method.loss(params["method"], per_task, state.method_state)
-                return total + dgr_term, (per_task, weights, penalty, batch_stats)
+                return (total, dgr_term), (per_task, weights, penalty, batch_stats)
 
-            (total, (per_task, weights, penalty, batch_stats)), grads = jax.value_and_grad(
-                total_loss, has_aux=True
-            )(params)
+            (total, dgr_term), vjp, (per_task, weights, penalty, batch_stats) = jax.vjp(
+                total_loss, params, has_aux=True
+            )
+            one, zero = jnp.ones_like(total), jnp.zeros_like(total)
+            if method.max_shared_norm:  # clip the task part, then add DGR's (2 VJPs with DGR)
+                (grads,) = vjp((one, zero))
+                grads = {**grads, "encoder": clip_by_norm(grads["encoder"], method.max_shared_norm)}
+                if dgr.on:
+                    grads = jax.tree_util.tree_map(jnp.add, grads, vjp((zero, one))[0])
+            else:
+                (grads,) = vjp((one, one))
+            total = total + dgr_term
             method_state = state.method_state
         elif method.level == "parameters":
             per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
                 objective, model_params, num_tasks
             )
+            method_state = state.method_state
+            if method.lookahead is not None:
+                method_state = method.lookahead(
+                    method_state,
+                    LookAhead(
+                        params=model_params,
+                        task_grads=task_grads,
+                        virtual_step=virtual_step,
+                        task_losses=lambda p: losses_at(p, batch, dropout_rng),
+                        heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
+                    ),
+                )
             (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
-                params["method"], per_task, state.method_state
+                params["method"], per_task, method_state
             )
             encoder, method_state = method.combine(
-                task_grads["encoder"], per_task, weights, state.method_state
+                task_grads["encoder"], per_task, weights, method_state
             )
+            encoder = clip_by_norm(encoder, method.max_shared_norm)
             heads = _head_grads(method, task_grads["heads"], per_task, weights, method_state)
             grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
             grads["method"] = method_grads
             total = method_total + dgr_term
         else:  # "representation": combine d l_t / d features, backpropagate the encoder once
+            if method.max_shared_norm or method.lookahead is not None:
+                raise ValueError(
+                    "representation-level methods support neither max_shared_norm nor lookahead"
+                )
             features, encoder_vjp, encoder_stats = jax.vjp(
                 lambda p: encode(net, p, state.batch_stats, batch["image"], dropout_rng),
                 params["encoder"],
@@ -212,8 +258,16 @@ def make_train_step(
         metrics["grad_norm/encoder"] = optax.tree.norm(grads["encoder"])
         metrics["grad_norm/heads"] = optax.tree.norm(grads["heads"])
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if method.after_update is not None:
+            after = losses_at(
+                {"encoder": new_params["encoder"], "heads": new_params["heads"]}, batch, dropout_rng
+            )
+            method_state = method.after_update(
+                method_state, jax.lax.stop_gradient(per_task), jax.lax.stop_gradient(after)
+            )
         new_state = state.replace(
-            params=optax.apply_updates(params, updates),
+            params=new_params,
             batch_stats=batch_stats,
             opt_state=opt_state,
             method_state=method_state,
@@ -223,6 +277,16 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+HELDOUT = "heldout/"  # the prefix of a held-out batch's keys in a step's batch
+
+
+def split_heldout(batch: Mapping[str, jax.Array]) -> tuple[dict, dict]:
+    """``(batch, heldout)``: the keys ``heldout/<name>`` make the second, unprefixed."""
+    main = {k: v for k, v in batch.items() if not k.startswith(HELDOUT)}
+    heldout = {k[len(HELDOUT) :]: v for k, v in batch.items() if k.startswith(HELDOUT)}
+    return main, heldout
 
 
 def _head_grads(method, head_task_grads, per_task, weights, method_state):

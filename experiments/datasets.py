@@ -25,6 +25,10 @@ class Data:
     train_epoch: Callable[[int, int], Any]  # (epoch, start_step) -> sized iterable of numpy batches
     evaluation: Callable[[], Iterable]
     description: str
+    # (epoch, start_step) -> the training set in another order, batch for batch as long as
+    # train_epoch's: the held-out batches of a method that looks ahead (Auto-lambda's
+    # second shuffle of the training set)
+    heldout_epoch: Callable[[int, int], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,22 +76,27 @@ class DatasetSpec:
         drop_last = config.data.drop_last or process_count > 1
         source, description = self.open_source(config, verbose)
 
-        def train_epoch(epoch, start_step):
+        def train_epoch(epoch, start_step, seed=config.train.seed):
             return source.dataset(
                 "train",
                 local,
-                seed=config.train.seed,
+                seed=seed,
                 epoch=epoch,
                 start_step=start_step,
                 drop_remainder=drop_last,
                 **shard,
             )
 
+        def heldout_epoch(epoch, start_step):
+            return train_epoch(epoch, start_step, seed=config.train.seed + HELDOUT_SEED_OFFSET)
+
         def evaluation():
             return source.dataset(self.eval_split, local, **shard)
 
-        return Data(train_epoch, evaluation, description)
+        return Data(train_epoch, evaluation, description, heldout_epoch)
 
+
+HELDOUT_SEED_OFFSET = 7919  # the held-out pass's shuffle seed is the run's seed plus this
 
 DATASETS: dict[str, DatasetSpec] = {}
 

@@ -30,7 +30,7 @@ from dgr_jax import parallel
 from dgr_jax.checkpoint import CheckpointError, Checkpoints
 from dgr_jax.methods import MTLMethod
 from dgr_jax.models import build_model
-from dgr_jax.train import end_epoch, init_train_state, make_train_step
+from dgr_jax.train import HELDOUT, end_epoch, init_train_state, make_train_step
 from experiments import reporting
 from experiments.config import RESUMABLE_CHANGES, RunConfig, TrainConfig, describe_field, flatten
 from experiments.evaluation import Evaluator
@@ -254,6 +254,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     init: Callable  # key -> TrainState (pure: its eval_shape is the state's structure)
+    method: Any  # the MTLMethod
     train_step: Callable
     finish_epoch: Callable
     evaluate: Evaluator
@@ -332,6 +333,7 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         init=init,
+        method=method,
         train_step=parallel.jit_train_step(
             make_train_step(net, tasks, config.dgr, optimizer, method), mesh
         ),
@@ -385,6 +387,18 @@ def _describe(run: Run) -> str:
     )
 
 
+def _batches(run: Run, epoch: int, start: int):
+    """The epoch's training batches from ``start``; for a method that looks ahead, each
+    with the held-out pass's batch under ``heldout/`` keys (a short last batch meets a
+    short one: both passes are over the same set)."""
+    train = run.data.train_epoch(epoch, start)
+    if run.method.lookahead is None:
+        yield from train
+        return
+    for batch, heldout in zip(train, run.data.heldout_epoch(epoch, start)):
+        yield {**batch, **{HELDOUT + k: v for k, v in heldout.items()}}
+
+
 def _train(run: Run, state, position, signals: SignalGuard, stop_after, progress) -> dict:
     """The loop: steps, epoch ends (method update, checkpoint, evaluation), signals."""
     config, checkpoints = run.config, run.checkpoints
@@ -395,6 +409,7 @@ def _train(run: Run, state, position, signals: SignalGuard, stop_after, progress
     bar = reporting.progress_bar(run.total_steps, step, progress)
     config_json = config.as_dict()
     names = {"image"} | {t.name for t in run.tasks}
+    names |= {HELDOUT + name for name in names}
 
     def save(at_epoch, at_step):
         steps_log.flush()  # never save a state whose step was not finite
@@ -410,7 +425,7 @@ def _train(run: Run, state, position, signals: SignalGuard, stop_after, progress
 
     try:
         while step < run.total_steps:
-            for batch in run.data.train_epoch(epoch, start):
+            for batch in _batches(run, epoch, start):
                 batch = {k: v for k, v in batch.items() if k in names}
                 state, metrics = run.train_step(state, parallel.global_batch(batch, run.mesh))
                 step, start = step + 1, start + 1

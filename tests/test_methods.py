@@ -169,7 +169,8 @@ def test_weighted_sum_combine_matches_numpy():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_is_pure_and_jits_once(name):
     method = get_method(name)
-    params, state = method.init(3)  # float32 by default, as in training
+    shared = {"shared": {"g": jnp.zeros(2, jnp.float32)}} if method.shared_state else {}
+    params, state = method.init(3, **shared)  # float32 by default, as in training
     assert all(
         leaf.dtype in (jnp.float32, jnp.int32, jnp.uint32)  # uint32: a PRNG key
         for leaf in jax.tree_util.tree_leaves((params, state))
@@ -201,7 +202,8 @@ def test_every_method_is_pure_and_jits_once(name):
 def test_registry_and_argument_checks():
     # The registry names the issue tracker fixed (other code depends on them).
     paper = {"equal", "dwa", "uncertainty", "pcgrad", "cagrad", "imtl", "nash_mtl", "graddrop"}
-    modern = {"mgda", "rlw", "upgrad", "aligned_mtl", "gradvac"}
+    paper |= {"autol"}
+    modern = {"mgda", "rlw", "gradnorm", "famo", "aligned_mtl", "upgrad", "db_mtl", "gradvac"}
     assert paper | modern <= set(METHODS)
     with pytest.raises(ValueError, match=r"^unknown MTL method 'pc_grad'; valid: equal, dwa, "):
         get_method("pc_grad")
@@ -339,8 +341,13 @@ def test_representation_level_sum_equals_the_cheap_path(tiny_classifier):
     chex.assert_trees_all_close(cheap.batch_stats, full.batch_stats, rtol=1e-10, atol=1e-12)
 
 
+def with_heldout(batch):
+    """The batch with a held-out batch (here: the examples reversed) under heldout/ keys."""
+    return {**batch, **{f"heldout/{k}": v[::-1] for k, v in batch.items()}}
+
+
 @pytest.mark.parametrize(
-    "name", sorted(n for n in METHODS if get_method(n).needs_task_grads or n == "rlw")
+    "name", sorted(n for n in METHODS if get_method(n).needs_task_grads or n in ("rlw", "famo"))
 )
 def test_every_method_trains_three_steps_with_and_without_dgr(tiny_classifier, name):
     import optax
@@ -350,6 +357,8 @@ def test_every_method_trains_three_steps_with_and_without_dgr(tiny_classifier, n
 
     net, tasks, batch = tiny_classifier
     method = get_method(name)
+    if method.lookahead is not None:
+        batch = with_heldout(batch)
     optimizer = optax.sgd(0.05, momentum=0.9)
     for weight in (0.0, 0.3):
         state = init_train_state(
@@ -382,6 +391,7 @@ from experiments._bench import random_batch
 net = build_model(ModelConfig(network="classifier", backbone="resnet18", base_width=4,
                               stage_sizes=(1, 1, 1, 1), classifier_hidden=8), MULTIDIGITS)
 batch = random_batch(MULTIDIGITS, 8, 12, 24)
+batch = {**batch, **{f"heldout/{k}": v[::-1] for k, v in batch.items()}}  # for autol
 optimizer = optax.sgd(0.05, momentum=0.9)
 results = {}
 for name in sys.argv[1:]:
@@ -411,7 +421,7 @@ def test_gradient_methods_make_the_same_update_on_four_devices_as_on_one():
     import subprocess
     import sys
 
-    names = ["pcgrad", "nash_mtl", "cagrad", "graddrop"]
+    names = ["pcgrad", "nash_mtl", "cagrad", "autol", "graddrop", "famo"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", METHODS_SHARDED_SCRIPT, *names],

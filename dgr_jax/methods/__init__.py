@@ -1,8 +1,10 @@
 """Multi-task methods behind one optax-style interface (``base.MTLMethod``).
 
 One module per family (``weighting``: loss weighting; ``gradients``: methods that
-combine per-task gradients, with their on-device ``solvers``); each exports its factories in a ``METHODS`` dict, merged here into the
-registry that ``--weighting NAME`` reads::
+combine per-task gradients, with their on-device ``solvers``; ``balancing``: weights
+from gradient norms; ``lookahead``: Auto-lambda's meta-learned weights); each exports
+its factories in a ``METHODS`` dict, merged here into the registry that ``--weighting
+NAME`` reads::
 
     method = get_method("uncertainty", initial_log_var=-0.7)
     params, state = method.init(num_tasks)
@@ -13,11 +15,16 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from dgr_jax.methods import gradients, weighting
-from dgr_jax.methods.base import MTLMethod, NoState, per_task_gradients, weighted_sum
+from dgr_jax.methods import balancing, gradients, lookahead, weighting
+from dgr_jax.methods.base import LookAhead, MTLMethod, NoState, per_task_gradients, weighted_sum
 from dgr_jax.methods.weighting import DWAState, UncertaintyParams, dwa, equal, uncertainty
 
-METHODS: dict[str, Callable[..., MTLMethod]] = {**weighting.METHODS, **gradients.METHODS}
+METHODS: dict[str, Callable[..., MTLMethod]] = {
+    **weighting.METHODS,
+    **lookahead.METHODS,
+    **gradients.METHODS,
+    **balancing.METHODS,
+}
 
 
 def method_arguments(name: str) -> dict[str, Any]:
@@ -41,6 +48,7 @@ def get_method(name: str, **kwargs) -> MTLMethod:
 
 __all__ = [
     "DWAState",
+    "LookAhead",
     "METHODS",
     "MTLMethod",
     "NoState",

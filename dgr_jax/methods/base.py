@@ -42,6 +42,19 @@ which method it runs:
 ``decay_params``
     Whether ``params`` get the model's weight decay (the original code puts uncertainty's
     log-variances in the same SGD parameter group as the network's weights).
+``lookahead(state, context: LookAhead) -> state``
+    Optional (None: no look-ahead). Before ``loss``, from a virtual step of the model on
+    the per-task gradients and the losses of a held-out batch (Auto-lambda). The step then
+    needs ``needs_task_grads`` and a held-out batch, under the keys ``heldout/<name>``.
+``after_update(state, task_losses, task_losses_after) -> state``
+    Optional (None: none). After the optimizer's update, with the task losses of the same
+    batch under the updated parameters (FAMO's loss-decrease rates); costs a forward.
+``max_shared_norm``
+    > 0: the combined shared gradient is clipped to this norm before DGR's is added
+    (FAMO's original clips the shared parameters' gradient to 1). Default 0: no clipping.
+``shared_state``
+    True: ``init(num_tasks, dtype, shared=tree)`` gets the shared parameters (the
+    encoder's), for a state shaped like them (DB-MTL's gradient buffers).
 
 ``dgr_jax.train.make_train_step`` is the one train step built on this contract.
 """
@@ -112,6 +125,31 @@ class MTLMethod(NamedTuple):
     level: str = "parameters"
     head_weights: Callable[[PyTree, jax.Array], jax.Array] = same_weights
     metrics: Callable[[PyTree], dict] = no_metrics
+    lookahead: Callable[[PyTree, "LookAhead"], PyTree] | None = None
+    after_update: Callable[[PyTree, jax.Array, jax.Array], PyTree] | None = None
+    max_shared_norm: float = 0.0
+    shared_state: bool = False
+
+
+class LookAhead(NamedTuple):
+    """What the step hands ``MTLMethod.lookahead``; every function is pure and
+    differentiable. Model parameters are ``{"encoder", "heads"}`` pytrees."""
+
+    params: PyTree  # the model parameters before the step
+    task_grads: PyTree  # d l_t / d params on the training batch, leading task axis (T, ...)
+    virtual_step: Callable[[PyTree], PyTree]  # model grads -> the params the optimizer would give
+    task_losses: Callable[[PyTree], jax.Array]  # params -> (T,) on the training batch
+    heldout_losses: Callable[[PyTree], jax.Array]  # params -> (T,) on the held-out batch
+
+
+def clip_by_norm(tree: PyTree, max_norm: float) -> PyTree:
+    """``tree`` scaled to norm ``max_norm`` when longer, as torch's ``clip_grad_norm_``
+    (its 1e-6); unchanged for ``max_norm == 0``."""
+    if not max_norm:
+        return tree
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)))
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), tree)
 
 
 def check_num_tasks(name: str, num_tasks: int) -> None:

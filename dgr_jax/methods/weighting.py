@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dgr_jax.methods.base import MTLMethod, NoState, check_losses, check_num_tasks
 
@@ -164,4 +165,52 @@ def rlw() -> MTLMethod:
     return MTLMethod(init=init, loss=loss, update=update)
 
 
-METHODS = {"equal": equal, "dwa": dwa, "uncertainty": uncertainty, "rlw": rlw}
+class FAMOState(NamedTuple):
+    logits: jax.Array  # (T,): xi, the weights are softmax(xi)
+    opt_state: optax.OptState  # the logits' Adam state
+    min_losses: jax.Array  # (T,): each loss's lower bound (0 for the scene losses)
+
+
+def famo(gamma: float = 0.01, w_lr: float = 0.025, max_norm: float = 1.0) -> MTLMethod:
+    """FAMO (Liu et al., "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023):
+    ``total = sum_t z_t log(l_t - b_t) / c`` with ``z = softmax(xi)``, ``c = sum_t z_t /
+    (l_t - b_t)`` a constant, so ``w_t = z_t / (c (l_t - b_t))``. After the step the
+    logits take one Adam step (``w_lr``, weight decay ``gamma``) on ``J_softmax^T delta``,
+    ``delta`` each log-loss's decrease on the same batch, which costs a forward
+    (``after_update``). ``max_norm``: the shared gradient is clipped to it, as the
+    original's ``backward`` clips the shared parameters' (0: no clipping)."""
+    if not max_norm >= 0:
+        raise ValueError(f"famo: max_norm must be >= 0 (0: no clipping), got {max_norm}")
+    if not w_lr > 0:
+        raise ValueError(f"famo: w_lr must be > 0, got {w_lr}")
+    # torch's Adam(weight_decay=gamma) adds gamma * xi to the gradient before the moments.
+    logit_optimizer = optax.chain(optax.add_decayed_weights(gamma), optax.adam(w_lr))
+    eps = 1e-8  # the original's
+
+    def init(num_tasks, dtype=jnp.float32):
+        check_num_tasks("famo", num_tasks)
+        logits = jnp.zeros((num_tasks,), dtype)
+        return NoState(), FAMOState(logits, logit_optimizer.init(logits), jnp.zeros_like(logits))
+
+    def loss(params, task_losses, state):
+        del params
+        check_losses("famo", task_losses, state.logits.shape[0])
+        z = jax.nn.softmax(state.logits).astype(task_losses.dtype)
+        gap = task_losses - state.min_losses.astype(task_losses.dtype) + eps
+        c = jax.lax.stop_gradient(jnp.sum(z / gap))
+        return jnp.sum(jnp.log(gap) * z) / c, jax.lax.stop_gradient(z / (c * gap))
+
+    def after_update(state, task_losses, task_losses_after):
+        def log_gap(losses):
+            return jnp.log(losses.astype(state.logits.dtype) - state.min_losses + eps)
+
+        delta = log_gap(task_losses) - log_gap(task_losses_after)
+        _, softmax_vjp = jax.vjp(jax.nn.softmax, state.logits)
+        (grad,) = softmax_vjp(delta)
+        updates, opt_state = logit_optimizer.update(grad, state.opt_state, state.logits)
+        return state._replace(logits=optax.apply_updates(state.logits, updates), opt_state=opt_state)
+
+    return MTLMethod(init=init, loss=loss, after_update=after_update, max_shared_norm=max_norm)
+
+
+METHODS = {"equal": equal, "dwa": dwa, "uncertainty": uncertainty, "rlw": rlw, "famo": famo}
