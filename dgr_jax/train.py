@@ -114,12 +114,22 @@ def make_train_step(
         def losses_at(model_params, batch, rng):
             """The task losses alone (training mode; BatchNorm's updates dropped)."""
             return task_losses_and_penalty(
-                net, tasks, DGRConfig(), model_params, state.batch_stats, state.dummy_sets, batch, rng
+                net,
+                tasks,
+                DGRConfig(),
+                model_params,
+                state.batch_stats,
+                state.dummy_sets,
+                batch,
+                rng,
             )[0]
 
         def virtual_step(model_grads):
             """The parameters the optimizer would give for ``model_grads`` (differentiable)."""
-            grads = {**model_grads, "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"])}
+            grads = {
+                **model_grads,
+                "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"]),
+            }
             updates, _ = optimizer.update(grads, state.opt_state, params)
             after = optax.apply_updates(params, updates)
             return {"encoder": after["encoder"], "heads": after["heads"]}

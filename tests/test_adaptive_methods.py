@@ -71,7 +71,8 @@ def test_autol_exact_hypergradient_equals_a_finite_difference_of_the_lookahead_l
     fd = np.array(
         [
             (
-                lookahead_by_hand(*problem, weights + h * e) - lookahead_by_hand(*problem, weights - h * e)
+                lookahead_by_hand(*problem, weights + h * e)
+                - lookahead_by_hand(*problem, weights - h * e)
             )
             / (2 * h)
             for e in np.eye(3)

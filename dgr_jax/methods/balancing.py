@@ -52,7 +52,10 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> MTLMethod:
         check_num_tasks("gradnorm", num_tasks)
         weights = jnp.ones((num_tasks,), dtype)
         return NoState(), GradNormState(
-            weights, weight_optimizer.init(weights), jnp.ones_like(weights), jnp.zeros((), jnp.int32)
+            weights,
+            weight_optimizer.init(weights),
+            jnp.ones_like(weights),
+            jnp.zeros((), jnp.int32),
         )
 
     def loss(params, task_losses, state):
@@ -97,7 +100,9 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.5) -> MTLMethod:
     def init(num_tasks, dtype=jnp.float32, shared=None):
         check_num_tasks("db_mtl", num_tasks)
         if shared is None:
-            raise ValueError("db_mtl: init needs the shared parameters (shared=...) to shape its buffers")
+            raise ValueError(
+                "db_mtl: init needs the shared parameters (shared=...) to shape its buffers"
+            )
         buffers = jax.tree_util.tree_map(
             lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), shared
         )
@@ -124,7 +129,9 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.5) -> MTLMethod:
         scale = jnp.max(norms) / (norms + 1e-8)
         return combine_with(scale, buffers), DBMTLState(buffers, steps)
 
-    return MTLMethod(init=init, loss=loss, combine=combine, needs_task_grads=True, shared_state=True)
+    return MTLMethod(
+        init=init, loss=loss, combine=combine, needs_task_grads=True, shared_state=True
+    )
 
 
 METHODS = {"gradnorm": gradnorm, "db_mtl": db_mtl}

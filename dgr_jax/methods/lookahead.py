@@ -79,9 +79,7 @@ def finite_difference_hypergradient(context: LookAhead, weights: jax.Array) -> j
     return (context.task_losses(shifted(1.0)) - context.task_losses(shifted(-1.0))) / (2 * eps)
 
 
-def autol(
-    initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "exact"
-) -> MTLMethod:
+def autol(initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "exact") -> MTLMethod:
     """Auto-lambda in the multi-task setting (every task primary), as auto-lambda's and
     the DGR repository's trainers run it: weights from ``initial_weight`` (0.1), Adam
     with ``lr`` (1e-4) on the hypergradient, the held-out batch from a second shuffle of
@@ -91,7 +89,9 @@ def autol(
     gradient joins only the real step. The original's extra training-mode forwards also
     move BatchNorm's running statistics; here they do not."""
     if hypergradient not in HYPERGRADIENTS:
-        raise ValueError(f"autol: hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}")
+        raise ValueError(
+            f"autol: hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}"
+        )
     if not lr > 0:
         raise ValueError(f"autol: lr must be > 0, got {lr}")
     meta_optimizer = optax.adam(lr)

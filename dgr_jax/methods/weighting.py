@@ -208,7 +208,9 @@ def famo(gamma: float = 0.01, w_lr: float = 0.025, max_norm: float = 1.0) -> MTL
         _, softmax_vjp = jax.vjp(jax.nn.softmax, state.logits)
         (grad,) = softmax_vjp(delta)
         updates, opt_state = logit_optimizer.update(grad, state.opt_state, state.logits)
-        return state._replace(logits=optax.apply_updates(state.logits, updates), opt_state=opt_state)
+        return state._replace(
+            logits=optax.apply_updates(state.logits, updates), opt_state=opt_state
+        )
 
     return MTLMethod(init=init, loss=loss, after_update=after_update, max_shared_norm=max_norm)
 
