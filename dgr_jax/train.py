@@ -87,8 +87,12 @@ def make_train_step(
     dgr: DGRConfig,
     optimizer: optax.GradientTransformation,
     method: MTLMethod | None = None,
+    lookahead_optimizer: optax.GradientTransformation | None = None,
 ):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated.
+
+    ``lookahead_optimizer``: for a method with ``lookahead``, the optimizer of its virtual
+    step, applied from a fresh state (None: ``optimizer`` with the step's state).
 
     Loss-weighting methods take one backward pass of ``total + lambda * P`` (the gradient
     is linear); gradient methods (``method.needs_task_grads``) get the per-task gradients
@@ -130,7 +134,12 @@ def make_train_step(
                 **model_grads,
                 "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"]),
             }
-            updates, _ = optimizer.update(grads, state.opt_state, params)
+            if lookahead_optimizer is None:
+                updates, _ = optimizer.update(grads, state.opt_state, params)
+            else:
+                updates, _ = lookahead_optimizer.update(
+                    grads, lookahead_optimizer.init(params), params
+                )
             after = optax.apply_updates(params, updates)
             return {"encoder": after["encoder"], "heads": after["heads"]}
 

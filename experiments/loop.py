@@ -98,6 +98,17 @@ def make_optimizer(
     return optax.chain(decay, optax.adam(train.lr))
 
 
+def make_lookahead_optimizer(train: TrainConfig, method: MTLMethod | None = None):
+    """The optimizer of a look-ahead method's virtual step: None (the training optimizer,
+    momentum buffer included) for SGD; for Adam, stateless SGD at Adam's learning rate
+    with the weight decay, as the original's ``virtual_step`` (it reads a momentum buffer
+    from SGD only). Differentiating Adam's own first step would give zero (its update is
+    ``sign(g)``) and NaN where a gradient is 0."""
+    if train.optimizer == "sgd" or method is None or method.lookahead is None:
+        return None
+    return optax.chain(optax.add_decayed_weights(train.weight_decay), optax.sgd(train.lr))
+
+
 # ---------------------------------------------------------------------------
 # The work directory, resuming, signals
 
@@ -335,7 +346,15 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
         init=init,
         method=method,
         train_step=parallel.jit_train_step(
-            make_train_step(net, tasks, config.dgr, optimizer, method), mesh
+            make_train_step(
+                net,
+                tasks,
+                config.dgr,
+                optimizer,
+                method,
+                lookahead_optimizer=make_lookahead_optimizer(train, method),
+            ),
+            mesh,
         ),
         finish_epoch=jax.jit(lambda s: end_epoch(method, s), out_shardings=replicated),
         evaluate=Evaluator(net, tasks, reference),

@@ -436,3 +436,47 @@ def test_gradient_methods_make_the_same_update_on_four_devices_as_on_one():
         one, four = np.asarray(results[f"{name}/1"]), np.asarray(results[f"{name}/4"])
         # float32 sums in another order (as in test_loop's four-device test): 1e-4.
         assert np.linalg.norm(four - one) / np.linalg.norm(one) < 1e-4, name
+
+
+def _vmap_repro_rows(vmapped: bool):
+    """Minimal stand-alone case (plain jax) of the per-task VJP miscompilation: three
+    "heads" upsampled by one bilinear-like map, the third L2-normalised by ``rsqrt``;
+    the rows of the VJP for each task's cotangent, in float32."""
+    rng = np.random.default_rng(0)
+    rows_map = jnp.asarray(rng.uniform(size=(32, 4)), jnp.float32)
+    cols_map = jnp.asarray(rng.uniform(size=(40, 5)), jnp.float32)
+    zs = [jnp.asarray(rng.normal(size=(4, 4, 5, c)), jnp.float32) for c in (1, 1, 3)]
+    targets = [jnp.asarray(rng.normal(size=(4, 32, 40, c)), jnp.float32) for c in (1, 1, 3)]
+
+    def losses(zs):
+        ys = [jnp.einsum("Hh,nhwc,Ww->nHWc", rows_map, z, cols_map) for z in zs]
+        ys[2] = ys[2] * jax.lax.rsqrt(jnp.sum(ys[2] ** 2, -1, keepdims=True))
+        return jnp.stack([jnp.mean(jnp.abs(y - t)) for y, t in zip(ys, targets)])
+
+    def rows(zs):
+        _, vjp = jax.vjp(losses, zs)
+        eye = jnp.eye(3, dtype=jnp.float32)
+        if vmapped:
+            return jax.vmap(lambda c: vjp(c)[0])(eye)
+        return jax.tree_util.tree_map(lambda *g: jnp.stack(g), *[vjp(c)[0] for c in eye])
+
+    eager = jax.tree_util.tree_map(np.asarray, rows(zs))  # op by op: correct either way
+    return eager, jax.tree_util.tree_map(np.asarray, jax.jit(rows)(zs))
+
+
+def test_jitted_loop_of_vjps_is_the_workaround_and_is_exact():
+    eager, jitted = _vmap_repro_rows(vmapped=False)
+    for e, j in zip(eager, jitted):
+        np.testing.assert_allclose(j, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jax 0.10.2 / XLA:CPU: jit(vmap(vjp)) gives a wrong row for the rsqrt-normalised "
+    "task (relative error ~9; eager and the jitted loop agree), so per_task_gradients runs "
+    "T + 1 VJPs in a loop; when this passes, switch it to one vmapped VJP",
+)
+def test_jitted_vmapped_vjp_equals_the_eager_rows():
+    eager, jitted = _vmap_repro_rows(vmapped=True)
+    for e, j in zip(eager, jitted):
+        np.testing.assert_allclose(j, e, rtol=1e-4, atol=1e-7)

@@ -172,11 +172,11 @@ def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
     stacked on a leading axis of size T, ``extra_grads`` is ``d extra / d params``.
 
     One forward, T + 1 VJPs of it, one after another. Not ``jax.vmap`` over the
-    cotangents: on jax 0.10.2 (CPU) the vmapped VJP agrees with separate ``jax.grad``
-    calls to 4e-7 when it is jitted alone (Split and MTAN, either normal loss, dropout,
-    the DGR row), but inside the whole jitted train step its combined encoder gradient is
-    38% off (tests/test_train.py, gradient-method path); until that is reduced to a
-    minimal case, the loop is what the step uses.
+    cotangents: on jax 0.10.2, XLA:CPU miscompiles ``jit(vmap(vjp))`` when one task's
+    output is normalised with ``rsqrt`` (the normals): that task's row is wrong (relative
+    error ~9), though eager execution and the jitted loop agree. The minimal case, plain
+    jax in 20 lines, is ``tests/test_methods.py::test_jitted_vmapped_vjp_equals_the_eager_rows``
+    (a strict xfail: it tells us when a JAX release fixes it).
     """
     (task_losses, extra), vjp, aux = jax.vjp(objective, params, has_aux=True)
     if task_losses.shape != (num_tasks,):

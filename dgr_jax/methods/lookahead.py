@@ -85,7 +85,9 @@ def autol(initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "e
     with ``lr`` (1e-4) on the hypergradient, the held-out batch from a second shuffle of
     the training set. ``hypergradient``: ``"exact"`` or ``"finite_difference"`` (the
     original's). The virtual step is the optimizer's real update (momentum and weight
-    decay included, as the original's ``virtual_step``) on the task losses alone; DGR's
+    decay included, as the original's ``virtual_step``; with Adam, SGD at Adam's learning
+    rate, as the original: ``make_train_step``'s ``lookahead_optimizer``) on the task
+    losses alone; DGR's
     gradient joins only the real step. The original's extra training-mode forwards also
     move BatchNorm's running statistics; here they do not."""
     if hypergradient not in HYPERGRADIENTS:
