@@ -105,6 +105,7 @@ def make_train_step(
     method = method or methods.equal()
     num_tasks = len(tasks)
     paper = dgr.estimator == "paper" and dgr.on
+    penalty_on = dgr.on and not paper  # the objective's penalty term is not identically 0
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -181,7 +182,7 @@ def make_train_step(
             method_state = state.method_state
         elif method.level == "parameters":
             per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
-                objective, model_params, num_tasks
+                objective, model_params, num_tasks, with_extra=penalty_on
             )
             method_state = state.method_state
             if method.lookahead is not None:
@@ -237,7 +238,10 @@ def make_train_step(
                 return (per_task, dgr.weight * penalty), (penalty, head_stats)
 
             per_task, dgr_term, task_grads, dgr_grads, (penalty, head_stats) = per_task_gradients(
-                on_features, {"heads": params["heads"], "features": features}, num_tasks
+                on_features,
+                {"heads": params["heads"], "features": features},
+                num_tasks,
+                with_extra=penalty_on,
             )
             (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
                 params["method"], per_task, state.method_state

@@ -62,7 +62,7 @@ def run_child(args) -> dict:
     from dgr_jax.models import ModelConfig, build_model
     from dgr_jax.objective import DGRConfig
     from dgr_jax.tasks import NYUV2
-    from dgr_jax.train import init_train_state, make_train_step
+    from dgr_jax.train import HELDOUT, init_train_state, make_train_step
 
     name, with_dgr = args.child.split(":")
     method = get_method(name)
@@ -78,6 +78,9 @@ def run_child(args) -> dict:
     )
     optimizer = optax.sgd(0.1, momentum=0.9)
     batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
+    if method.lookahead is not None:  # Auto-lambda's held-out batch: another random one
+        heldout = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width, seed=1)
+        batch = {**batch, **{HELDOUT + k: v for k, v in heldout.items()}}
     state = init_train_state(
         net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy, method
     )

@@ -244,6 +244,10 @@ def test_per_task_gradients_equal_separate_gradients():
         extra_grads, jax.grad(lambda p: objective(p)[0][1])(params), rtol=1e-12
     )
     np.testing.assert_allclose(extra, 0.7 * np.sum(np.square(params["encoder"])), rtol=1e-12)
+    # Without the extra term's VJP (DGR off): the same task rows, zeros for the extra.
+    _, _, without, zeros, _ = per_task_gradients(objective, params, 3, with_extra=False)
+    chex.assert_trees_all_close(without, task_grads, rtol=1e-12)
+    assert all(not np.any(z) for z in jax.tree_util.tree_leaves(zeros))
     with pytest.raises(ValueError, match=r"task losses of shape \(3,\), expected \(2,\)"):
         per_task_gradients(objective, params, 2)
 

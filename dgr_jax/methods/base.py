@@ -163,13 +163,17 @@ def check_losses(name: str, task_losses: jax.Array, num_tasks: int | None = None
         raise ValueError(f"{name}: task_losses must have shape {expected}, got {task_losses.shape}")
 
 
-def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
+def per_task_gradients(
+    objective: Callable, params: PyTree, num_tasks: int, with_extra: bool = True
+):
     """Per-task gradients of ``objective`` on one forward pass.
 
     ``objective(params) -> ((task_losses (T,), extra scalar), aux)``; ``extra`` is a term
     that is not a task's (the weighted DGR penalty). Returns ``(task_losses, extra,
     task_grads, extra_grads, aux)``: ``task_grads`` holds ``d task_losses[t] / d params``
-    stacked on a leading axis of size T, ``extra_grads`` is ``d extra / d params``.
+    stacked on a leading axis of size T, ``extra_grads`` is ``d extra / d params``;
+    ``with_extra=False`` (``extra`` known to be 0: DGR off) skips its VJP and returns
+    zeros, one backward pass of T + 1 saved.
 
     One forward, T + 1 VJPs of it, one after another. Not ``jax.vmap`` over the
     cotangents: on jax 0.10.2, XLA:CPU miscompiles ``jit(vmap(vjp))`` when one task's
@@ -185,6 +189,10 @@ def per_task_gradients(objective: Callable, params: PyTree, num_tasks: int):
             f"{task_losses.shape}, expected ({num_tasks},)"
         )
     cotangents = jnp.eye(num_tasks + 1, dtype=task_losses.dtype)  # a row per task, then extra
-    rows = [vjp((c[:num_tasks], c[num_tasks].astype(extra.dtype)))[0] for c in cotangents]
+    rows = [
+        vjp((c[:num_tasks], c[num_tasks].astype(extra.dtype)))[0]
+        for c in cotangents[: num_tasks + 1 if with_extra else num_tasks]
+    ]
     task_grads = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *rows[:num_tasks])
-    return task_losses, extra, task_grads, rows[num_tasks], aux
+    extra_grads = rows[num_tasks] if with_extra else jax.tree_util.tree_map(jnp.zeros_like, params)
+    return task_losses, extra, task_grads, extra_grads, aux
