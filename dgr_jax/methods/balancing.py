@@ -2,7 +2,7 @@
 gradients on the shared parameters (GradNorm, DB-MTL).
 
 Both need the per-task gradients of the shared parameters (``needs_task_grads``), but
-only through their norms (GradNorm: the Gram matrix's diagonal) or an average of them
+only through their norms (``gradients.task_norms``) or an average of them
 (DB-MTL), so their combination stays a weighted sum per leaf.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from dgr_jax.methods.base import MTLMethod, NoState, check_losses, check_num_tasks
-from dgr_jax.methods.gradients import combine_with, gram_matrix
+from dgr_jax.methods.gradients import combine_with, task_norms
 
 
 class GradNormState(NamedTuple):
@@ -68,7 +68,7 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> MTLMethod:
         weights = jax.lax.stop_gradient(weights)
         combined = combine_with(weights, task_grads)
         num_tasks = weights.shape[0]
-        grad_norms = jnp.sqrt(jnp.maximum(jnp.diag(gram_matrix(task_grads)), 0.0))
+        grad_norms = task_norms(task_grads)
         losses = jax.lax.stop_gradient(task_losses).astype(state.weights.dtype)
         initial = jnp.where(state.steps == 0, losses, state.initial_losses)
         ratios = losses / jnp.maximum(initial, jnp.finfo(losses.dtype).tiny)
@@ -125,7 +125,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.5) -> MTLMethod:
             return g + decay.astype(g.dtype) * (m - g)
 
         buffers = jax.tree_util.tree_map(average, task_grads, state.buffers)
-        norms = jnp.sqrt(jnp.maximum(jnp.diag(gram_matrix(buffers)), 0.0))
+        norms = task_norms(buffers)
         scale = jnp.max(norms) / (norms + 1e-8)
         return combine_with(scale, buffers), DBMTLState(buffers, steps)
 

@@ -65,6 +65,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
@@ -147,7 +148,7 @@ def clip_by_norm(tree: PyTree, max_norm: float) -> PyTree:
     (its 1e-6); unchanged for ``max_norm == 0``."""
     if not max_norm:
         return tree
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)))
+    norm = optax.tree.norm(tree)
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), tree)
 

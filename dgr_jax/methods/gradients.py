@@ -33,6 +33,13 @@ def gram_matrix(task_grads) -> jax.Array:
     return sum(r @ r.T for r in rows)
 
 
+def task_norms(task_grads) -> jax.Array:
+    """``||g_t||`` over every leaf, for each task: the Gram matrix's diagonal, without the
+    off-diagonal products."""
+    leaves = jax.tree_util.tree_leaves(task_grads)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves))
+
+
 def combine_with(coefficients: jax.Array, task_grads):
     """``sum_t c_t g_t`` on every leaf."""
     coefficients = jax.lax.stop_gradient(coefficients)

@@ -43,11 +43,6 @@ class AutoLambdaState(NamedTuple):
     hypergradient: jax.Array  # (T,): the last step's d L_val / d lambda
 
 
-def _tree_dot(a, b) -> jax.Array:
-    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-    return sum(jnp.vdot(x, y) for x, y in leaves)
-
-
 def _weighted_grads(context, weights):
     # lambda enters only here, so the exact hypergradient is a VJP of this sum.
     return jax.tree_util.tree_map(
@@ -70,7 +65,7 @@ def finite_difference_hypergradient(context: LookAhead, weights: jax.Array) -> j
     after, step_vjp = jax.vjp(context.virtual_step, grads)
     d = jax.grad(lambda p: jnp.sum(context.heldout_losses(p)))(after)
     (v,) = step_vjp(d)
-    norm = jnp.sqrt(_tree_dot(v, v))
+    norm = optax.tree.norm(v)
     eps = 0.01 / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)
 
     def shifted(sign):
