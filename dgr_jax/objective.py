@@ -143,14 +143,19 @@ def task_losses_and_penalty_on_features(
     features: PyTree,
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
+    head_features: PyTree | None = None,
 ):
     """``task_losses_and_penalty`` from given shared ``features`` (the encoder's output):
     ``(task_losses (T,), penalty, new heads batch_stats)``. With :func:`encode` it is the
-    same objective, split where representation-level methods combine gradients."""
+    same objective, split where gradient methods take the per-task gradients.
+
+    ``head_features``: what the task heads read, when not ``features`` (which the dummy
+    sets read): the train step passes ``{task: features}``, one copy per task, so that one
+    backward pass yields each task's gradient of the features separately."""
     images = batch["image"]
     outputs, updates = net.heads.apply(
         {"params": heads_params, "batch_stats": batch_stats.get("heads", {})},
-        features,
+        features if head_features is None else head_features,
         images.shape[1:3],
         train=True,
         mutable=["batch_stats"],

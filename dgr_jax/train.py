@@ -13,7 +13,7 @@ them.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dgr_jax import methods
-from dgr_jax.methods import LookAhead, MTLMethod, per_task_gradients, weighted_sum
+from dgr_jax.methods import LookAhead, MTLMethod
 from dgr_jax.methods.base import clip_by_norm
 from dgr_jax.models import MultiTaskNet
 from dgr_jax.objective import (
@@ -95,15 +95,17 @@ def make_train_step(
     step, applied from a fresh state (None: ``optimizer`` with the step's state).
 
     Loss-weighting methods take one backward pass of ``total + lambda * P`` (the gradient
-    is linear); gradient methods (``method.needs_task_grads``) get the per-task gradients
-    from ``methods.per_task_gradients`` (T + 1 VJPs sharing one forward), combine the
-    encoder's, and DGR's gradient is added after the combination. Representation-level
-    methods (``method.level == "representation"``) get the per-task gradients of the
-    shared features instead (VJPs through the heads only), and the combined feature
-    gradient plus DGR's goes back through the encoder in one VJP.
+    is linear). Gradient methods (``method.needs_task_grads``) run the encoder forward
+    once and the heads forward and backward once, each head on its own copy of the
+    features, which gives every task's gradient of the features (and DGR's) apart; then
+    T VJPs of the encoder (+ 1 for DGR's) give the per-task encoder gradients that
+    ``combine`` turns into one, and DGR's gradient is added after the combination. Each
+    head gets its own task's gradient times ``method.head_weights``. Representation-level
+    methods (``method.level == "representation"``) combine the per-task gradients of the
+    features instead, and the combination plus DGR's goes back through the encoder in one
+    VJP.
     """
     method = method or methods.equal()
-    num_tasks = len(tasks)
     paper = dgr.estimator == "paper" and dgr.on
     penalty_on = dgr.on and not paper  # the objective's penalty term is not identically 0
 
@@ -180,87 +182,84 @@ def make_train_step(
                 (grads,) = vjp((one, one))
             total = total + dgr_term
             method_state = state.method_state
-        elif method.level == "parameters":
-            per_task, dgr_term, task_grads, dgr_grads, (penalty, batch_stats) = per_task_gradients(
-                objective, model_params, num_tasks, with_extra=penalty_on
-            )
-            method_state = state.method_state
-            if method.lookahead is not None:
-                method_state = method.lookahead(
-                    method_state,
-                    LookAhead(
-                        params=model_params,
-                        task_grads=task_grads,
-                        virtual_step=virtual_step,
-                        task_losses=lambda p: losses_at(p, batch, dropout_rng),
-                        heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
-                    ),
-                )
-            (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
-                params["method"], per_task, method_state
-            )
-            encoder, method_state = method.combine(
-                task_grads["encoder"], per_task, weights, method_state
-            )
-            encoder = clip_by_norm(encoder, method.max_shared_norm)
-            heads = _head_grads(method, task_grads["heads"], per_task, weights, method_state)
-            grads = jax.tree_util.tree_map(jnp.add, {"encoder": encoder, "heads": heads}, dgr_grads)
-            grads["method"] = method_grads
-            total = method_total + dgr_term
-        else:  # "representation": combine d l_t / d features, backpropagate the encoder once
-            if method.max_shared_norm or method.lookahead is not None:
+        else:
+            if method.level == "representation" and (
+                method.max_shared_norm or method.lookahead is not None
+            ):
                 raise ValueError(
                     "representation-level methods support neither max_shared_norm nor lookahead"
                 )
+            # One encoder forward; the heads once, on a copy of the features per task.
             features, encoder_vjp, encoder_stats = jax.vjp(
                 lambda p: encode(net, p, state.batch_stats, batch["image"], dropout_rng),
                 params["encoder"],
                 has_aux=True,
             )
-            if isinstance(features, Mapping):
-                raise ValueError(
-                    f"{method.level}-level methods need one shared representation; this "
-                    f"network's features are per task ({', '.join(features)}): use a Split network"
+            shared = _task_feature_grads(
+                net, tasks, dgr, state, params["heads"], features, batch, dropout_rng
+            )
+            per_task, dgr_term, penalty = shared.per_task, shared.dgr_term, shared.penalty
+            method_state = state.method_state
+            if method.level == "representation":
+                if isinstance(features, Mapping):
+                    raise ValueError(
+                        f"{method.level}-level methods need one shared representation; this "
+                        f"network's features are per task ({', '.join(features)}): use a "
+                        "Split network"
+                    )
+                (method_total, weights), method_grads = jax.value_and_grad(
+                    method.loss, has_aux=True
+                )(params["method"], per_task, method_state)
+                combined, method_state = method.combine(
+                    shared.task_cotangents, per_task, weights, method_state
                 )
-
-            def on_features(p):
-                per_task, penalty, head_stats = task_losses_and_penalty_on_features(
-                    net,
-                    tasks,
-                    dgr,
-                    p["heads"],
-                    state.batch_stats,
-                    state.dummy_sets,
-                    p["features"],
-                    batch,
-                    dropout_rng,
+                (encoder,) = encoder_vjp(jnp.add(combined, shared.dgr_cotangent))
+            else:
+                # T encoder VJPs (one per task's feature gradient), + 1 for DGR's.
+                task_encoder = methods.stacked_vjps(
+                    encoder_vjp, _per_task_cotangents(shared.task_cotangents, features, tasks)
                 )
-                return (per_task, dgr.weight * penalty), (penalty, head_stats)
-
-            per_task, dgr_term, task_grads, dgr_grads, (penalty, head_stats) = per_task_gradients(
-                on_features,
-                {"heads": params["heads"], "features": features},
-                num_tasks,
-                with_extra=penalty_on,
-            )
-            (method_total, weights), method_grads = jax.value_and_grad(method.loss, has_aux=True)(
-                params["method"], per_task, state.method_state
-            )
-            combined, method_state = method.combine(
-                task_grads["features"], per_task, weights, state.method_state
-            )
-            (encoder,) = encoder_vjp(
-                jax.tree_util.tree_map(jnp.add, combined, dgr_grads["features"])
-            )
-            heads = _head_grads(method, task_grads["heads"], per_task, weights, method_state)
+                dgr_encoder = (
+                    encoder_vjp(shared.dgr_cotangent)[0]
+                    if penalty_on
+                    else jax.tree_util.tree_map(jnp.zeros_like, params["encoder"])
+                )
+                if method.lookahead is not None:
+                    method_state = method.lookahead(
+                        method_state,
+                        LookAhead(
+                            params=model_params,
+                            task_grads={
+                                "encoder": task_encoder,
+                                "heads": _per_task_head_grads(shared.heads, tasks),
+                            },
+                            virtual_step=virtual_step,
+                            task_losses=lambda p: losses_at(p, batch, dropout_rng),
+                            heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
+                        ),
+                    )
+                (method_total, weights), method_grads = jax.value_and_grad(
+                    method.loss, has_aux=True
+                )(params["method"], per_task, method_state)
+                encoder, method_state = method.combine(
+                    task_encoder, per_task, weights, method_state
+                )
+                encoder = clip_by_norm(encoder, method.max_shared_norm)
+                encoder = jax.tree_util.tree_map(jnp.add, encoder, dgr_encoder)
+            head_weights = method.head_weights(method_state, weights)
             grads = {
                 "encoder": encoder,
-                "heads": jax.tree_util.tree_map(jnp.add, heads, dgr_grads["heads"]),
+                "heads": {
+                    t.name: jax.tree_util.tree_map(
+                        lambda g, w=head_weights[i]: w.astype(g.dtype) * g, shared.heads[t.name]
+                    )
+                    for i, t in enumerate(tasks)
+                },
                 "method": method_grads,
             }
             batch_stats = {**state.batch_stats, "encoder": encoder_stats}
-            if head_stats:
-                batch_stats["heads"] = head_stats
+            if shared.head_stats:
+                batch_stats["heads"] = shared.head_stats
             total = method_total + dgr_term
         if paper:
             extra = paper_dgr_encoder_grads(
@@ -312,11 +311,81 @@ def split_heldout(batch: Mapping[str, jax.Array]) -> tuple[dict, dict]:
     return main, heldout
 
 
-def _head_grads(method, head_task_grads, per_task, weights, method_state):
-    """Each head's gradient: its task's, times the method's head weight (``weights`` for
-    every method but Nash-MTL's)."""
-    head_weights = method.head_weights(method_state, weights)
-    return weighted_sum(head_task_grads, per_task, head_weights, method_state)[0]
+class _FeatureGrads(NamedTuple):
+    per_task: jax.Array  # (T,) task losses
+    dgr_term: jax.Array  # lambda * P
+    penalty: jax.Array  # P
+    task_cotangents: PyTree  # d l_t / d features on a leading task axis (MTAN: task t's entry)
+    dgr_cotangent: PyTree  # d (lambda P) / d features, shaped like the features
+    heads: PyTree  # {task: d l_task / d its head's parameters}
+    head_stats: PyTree
+
+
+def _task_feature_grads(net, tasks, dgr, state, heads_params, features, batch, rng):
+    """The task losses, DGR's term and their gradients with respect to the encoder's
+    output and the heads, from the heads' forward and *one* backward pass: each head
+    reads its own copy of the features (MTAN: its own features), the dummy sets another,
+    so the copies' gradients are each task's, and DGR's, apart. Each head's parameters
+    get only its task's gradient (``heads`` modules keep task ``t``'s parameters under
+    ``t``); the penalty reads the dummy sets, not the heads."""
+    names = [t.name for t in tasks]
+    per_task_features = isinstance(features, Mapping)
+    copies = dict(features) if per_task_features else {name: features for name in names}
+    if set(heads_params) != set(names):
+        raise ValueError(
+            f"the heads' parameters must be one subtree per task named after it "
+            f"({', '.join(names)}), got {', '.join(sorted(heads_params))}"
+        )
+
+    def on_features(p):
+        per_task, penalty, head_stats = task_losses_and_penalty_on_features(
+            net,
+            tasks,
+            dgr,
+            p["heads"],
+            state.batch_stats,
+            state.dummy_sets,
+            p["penalty"],
+            batch,
+            rng,
+            head_features=p["tasks"],
+        )
+        return (per_task, dgr.weight * penalty), (penalty, head_stats)
+
+    (per_task, dgr_term), vjp, (penalty, head_stats) = jax.vjp(
+        on_features, {"heads": heads_params, "tasks": copies, "penalty": features}, has_aux=True
+    )
+    (grads,) = vjp((jnp.ones_like(per_task), jnp.ones_like(dgr_term)))
+    task_cotangents = (
+        grads["tasks"] if per_task_features else jnp.stack([grads["tasks"][name] for name in names])
+    )
+    return _FeatureGrads(
+        per_task, dgr_term, penalty, task_cotangents, grads["penalty"], grads["heads"], head_stats
+    )
+
+
+def _per_task_cotangents(task_cotangents, features, tasks) -> list:
+    """Task t's cotangent of the encoder's output, in task order: row t of the stacked
+    feature gradients (Split), or MTAN's per-task features with task t's gradient and
+    zeros elsewhere."""
+    if not isinstance(features, Mapping):
+        return list(task_cotangents)
+    return [
+        {s: task_cotangents[s] if s == t.name else jnp.zeros_like(features[s]) for s in features}
+        for t in tasks
+    ]
+
+
+def _per_task_head_grads(heads_grads, tasks) -> PyTree:
+    """``{task: grads}`` as per-task gradients of the whole heads tree, on a leading task
+    axis (zeros outside each task's own head)."""
+    return {
+        t.name: jax.tree_util.tree_map(
+            lambda g, i=i: jnp.zeros((len(tasks),) + g.shape, g.dtype).at[i].set(g),
+            heads_grads[t.name],
+        )
+        for i, t in enumerate(tasks)
+    }
 
 
 def end_epoch(method: MTLMethod, state: TrainState) -> TrainState:

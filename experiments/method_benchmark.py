@@ -9,7 +9,8 @@ its own process so that its peak memory is its own. Reported per configuration: 
 seconds per step, the ratio to the equal-weighting step without DGR ("vanilla"), compile
 seconds, peak memory, the method's solver residual after the timed steps, and for
 gradient methods the time of ``combine`` alone (Gram matrix, solver, weighted sum) on task
-gradients of the real shapes, with its share of the step.
+gradients of the real shapes, and of its solver alone (``combine`` on 64-wide task
+gradients: the T x T problem), each with its share of the step.
 
 JSON: ``{"methods": {NAME: {"median_s", "ratio_to_vanilla", ...}}, "methods_dgr":
 {...}, "device": ..., "config": ...}``.
@@ -116,6 +117,19 @@ def run_child(args) -> dict:
         )
         figures["combine_s"] = combine_median
         figures["combine_share"] = combine_median / median_s
+        # The solver alone: combine on 64-wide task gradients, where the T x T problem
+        # (Gram matrix, solve, projections) is all there is to time.
+        small = {"g": jax.random.normal(jax.random.PRNGKey(2), (len(NYUV2), 64))}
+        _, small_state = (
+            method.init(len(NYUV2), shared={"g": small["g"][0]})
+            if method.shared_state
+            else method.init(len(NYUV2))
+        )
+        _, _, solver_median, _ = _bench.compile_and_time(
+            lambda g, s: method.combine(g, losses, losses, s), (small, small_state), args.repeats
+        )
+        figures["solver_s"] = solver_median
+        figures["solver_share"] = solver_median / median_s
     return {**figures, **_bench.peak_memory_mb(), "device": _bench.device_description()}
 
 
@@ -167,11 +181,22 @@ def main(argv=None):
                     f"{figures.get(memory_key, float('nan')):.0f}",
                     f"{figures['residual']:.1e}" if "residual" in figures else "-",
                     f"{100 * figures['combine_share']:.1f}%" if "combine_share" in figures else "-",
+                    f"{100 * figures['solver_share']:.2f}%" if "solver_share" in figures else "-",
                 ]
             )
     print(f"device: {device}\n")
     _bench.print_table(
-        ["method", "median_s", "ratio", "compile_s", memory_key, "residual", "combine/step"], rows
+        [
+            "method",
+            "median_s",
+            "ratio",
+            "compile_s",
+            memory_key,
+            "residual",
+            "combine/step",
+            "solver/step",
+        ],
+        rows,
     )
     _bench.write_json(args.json, {**results, "device": device, "config": config})
     return results

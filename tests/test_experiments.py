@@ -142,3 +142,5 @@ def test_method_benchmark_reports_every_configuration_against_equal(tmp_path):
     ratio = graddrop["median_s"] / equal["median_s"]
     assert abs(graddrop["ratio_to_vanilla"] - ratio) < 1e-12
     assert graddrop["combine_s"] > 0 and "combine_s" not in equal
+    assert graddrop["solver_s"] > 0 and "solver_s" not in equal
+    assert abs(graddrop["solver_share"] - graddrop["solver_s"] / graddrop["median_s"]) < 1e-12

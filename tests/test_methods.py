@@ -4,6 +4,7 @@ own ``per_task_gradients`` and ``train.make_train_step``."""
 import json
 import math
 import os
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -14,6 +15,8 @@ import pytest
 from dgr_jax.methods import (
     METHODS,
     DWAState,
+    MTLMethod,
+    NoState,
     UncertaintyParams,
     dwa,
     equal,
@@ -343,6 +346,107 @@ def test_representation_level_sum_equals_the_cheap_path(tiny_classifier):
     full, _ = make_train_step(net, tasks, dgr, optimizer, on_features)(state, batch)
     chex.assert_trees_all_close(cheap.params, full.params, rtol=1e-10, atol=1e-12)
     chex.assert_trees_all_close(cheap.batch_stats, full.batch_stats, rtol=1e-10, atol=1e-12)
+
+
+class ProbeState(NamedTuple):
+    task_grads: Any  # what combine received, kept to compare with brute force
+
+
+def probe_method(head_weights):
+    """A gradient method that keeps the per-task encoder gradients it is handed (in its
+    state), combines them by their plain sum and weighs head t by ``head_weights[t]``."""
+
+    def init(num_tasks, dtype=jnp.float32, shared=None):
+        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros((num_tasks,) + x.shape, x.dtype), shared)
+        return NoState(), ProbeState(zeros)
+
+    def combine(task_grads, task_losses, weights, state):
+        return weighted_sum(task_grads, task_losses, weights, state)[0], ProbeState(task_grads)
+
+    return MTLMethod(
+        init=init,
+        loss=lambda params, losses, state: (jnp.sum(losses), jnp.ones_like(losses)),
+        combine=combine,
+        needs_task_grads=True,
+        shared_state=True,
+        head_weights=lambda state, weights: jnp.asarray(head_weights, weights.dtype),
+    )
+
+
+@pytest.mark.parametrize("network", ["split", "mtan"])
+def test_gradient_method_step_gets_each_tasks_exact_gradient(network):
+    """The step's per-task encoder gradients (one heads backward on per-task copies of the
+    features, then T encoder VJPs) against brute force: ``jax.grad`` of each task's loss
+    on the whole model, in float64; each head's update is its own task's gradient times
+    its head weight, and DGR's gradient is added to the combination. On NYUv2's tasks
+    (the normals' rsqrt among them), Split and MTAN."""
+    import optax
+
+    from dgr_jax.models import ModelConfig, build_model
+    from dgr_jax.objective import DGRConfig, task_losses_and_penalty
+    from dgr_jax.tasks import NYUV2
+    from dgr_jax.train import init_train_state, make_train_step
+    from experiments._bench import random_batch
+
+    config = ModelConfig(
+        network=network, backbone="resnet18", base_width=4, head_width=4, stage_sizes=(1, 2, 1, 1)
+    )
+    net = build_model(config, NYUV2)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(NYUV2, 2, 16, 24).items()}
+    head_weights = [0.5, 2.0, -1.0]
+    method = probe_method(head_weights)
+    dgr = DGRConfig(weight=0.4, num_dummy=2)
+    state = init_train_state(
+        net, optax.sgd(1.0), jax.random.PRNGKey(0), batch["image"], 2, method, len(NYUV2)
+    )
+    state = jax.tree_util.tree_map(
+        lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+    )
+    new, _ = jax.jit(make_train_step(net, NYUV2, dgr, optax.sgd(1.0), method))(state, batch)
+
+    model = {"encoder": state.params["encoder"], "heads": state.params["heads"]}
+    rng = jax.random.split(state.rng)[1]
+
+    def objective(p, dgr):
+        losses, penalty, stats = task_losses_and_penalty(
+            net, NYUV2, dgr, p, state.batch_stats, state.dummy_sets, batch, rng
+        )
+        return losses, dgr.weight * penalty, stats
+
+    @jax.jit
+    def brute_force(p):
+        tasks = [jax.grad(lambda p, t=t: objective(p, DGRConfig())[0][t])(p) for t in range(3)]
+        return tasks, jax.grad(lambda p: objective(p, dgr)[1])(p), objective(p, dgr)[2]
+
+    brute, dgr_grad, stats = brute_force(model)
+    assert float(optax.tree.norm(dgr_grad["heads"])) == 0.0  # the dummy sets, not the heads
+    rows = new.method_state.task_grads
+    for t in range(len(NYUV2)):
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda g, t=t: g[t], rows),
+            brute[t]["encoder"],
+            rtol=1e-9,
+            atol=1e-12,
+        )
+    expected_encoder = jax.tree_util.tree_map(
+        lambda p, d, *g: p - (sum(g) + d),
+        model["encoder"],
+        dgr_grad["encoder"],
+        *(b["encoder"] for b in brute),
+    )
+    chex.assert_trees_all_close(new.params["encoder"], expected_encoder, rtol=1e-9, atol=1e-12)
+    for t, task in enumerate(NYUV2):
+        chex.assert_trees_all_close(
+            new.params["heads"][task.name],
+            jax.tree_util.tree_map(
+                lambda p, g, w=head_weights[t]: p - w * g,
+                model["heads"][task.name],
+                brute[t]["heads"][task.name],
+            ),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+    chex.assert_trees_all_close(new.batch_stats, stats, rtol=1e-9, atol=1e-12)
 
 
 def with_heldout(batch):

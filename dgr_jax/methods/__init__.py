@@ -16,7 +16,14 @@ import inspect
 from typing import Any, Callable
 
 from dgr_jax.methods import balancing, gradients, lookahead, weighting
-from dgr_jax.methods.base import LookAhead, MTLMethod, NoState, per_task_gradients, weighted_sum
+from dgr_jax.methods.base import (
+    LookAhead,
+    MTLMethod,
+    NoState,
+    per_task_gradients,
+    stacked_vjps,
+    weighted_sum,
+)
 from dgr_jax.methods.weighting import DWAState, UncertaintyParams, dwa, equal, uncertainty
 
 METHODS: dict[str, Callable[..., MTLMethod]] = {
@@ -58,6 +65,7 @@ __all__ = [
     "get_method",
     "method_arguments",
     "per_task_gradients",
+    "stacked_vjps",
     "uncertainty",
     "weighted_sum",
 ]

@@ -107,7 +107,6 @@ def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:
     heads = DenseHeads(
         pairs,
         activations,
-        per_task_features=mtan,
         width=config.head_width,
         rates=tuple(config.aspp_rates),
         dropout_rate=config.dropout_rate,

@@ -4,6 +4,12 @@ A *heads* module maps shared features to a dict of per-task outputs. The same mo
 class builds the trained task heads and the dummy sets, so dummy sets have the task
 heads' architecture and initialiser by construction.
 
+Every heads module keeps task ``t``'s parameters (and BatchNorm statistics) in the
+subtree named ``t``, and reads its features either from one array shared by every head
+(Split) or from a dict ``{task: array}`` (MTAN's per-task features; the train step also
+passes per-task *copies* of a shared array, so that one backward pass gives each task's
+gradient of the features apart).
+
 Initialisers follow PyTorch's defaults for these layers (torchvision's DeepLabHead and
 ``nn.Linear`` do not override them): kernels uniform in +-1/sqrt(fan_in)
 (``kaiming_uniform(a=sqrt(5))``), biases uniform in +-1/sqrt(fan_in); BN scale 1, bias 0.
@@ -177,13 +183,12 @@ class DenseHeads(nn.Module):
     to ``output_size``, then passed through the task's activation (``activations``:
     ``(task, fn)`` pairs, from its kind; normals are L2-normalised per pixel).
 
-    ``features`` is one array read by every head (Split), or, with
-    ``per_task_features``, a dict ``{task: array}`` (MTAN).
+    ``features`` is one array read by every head (Split), or a dict ``{task: array}``
+    (MTAN).
     """
 
     tasks: Sequence[tuple[str, int]]
     activations: Sequence[tuple[str, Any]] = ()
-    per_task_features: bool = False
     width: int = 256
     rates: Sequence[int] = (12, 24, 36)
     dropout_rate: float = 0.0
@@ -196,7 +201,7 @@ class DenseHeads(nn.Module):
         activations = dict(self.activations)
         outputs = {}
         for task, channels in self.tasks:
-            z = features[task] if self.per_task_features else features
+            z = features[task] if isinstance(features, Mapping) else features
             y = DeepLabHead(
                 channels, self.width, self.rates, self.dropout_rate, self.norm, name=task
             )(z, train)
@@ -205,8 +210,21 @@ class DenseHeads(nn.Module):
         return outputs
 
 
+class ClassifierHead(nn.Module):
+    """Linear(features -> hidden), ReLU, Linear(hidden -> classes)."""
+
+    classes: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(torch_dense(self.hidden, x.shape[-1], name="fc1")(x))
+        return torch_dense(self.classes, self.hidden, name="fc2")(h)
+
+
 class ClassifierHeads(nn.Module):
-    """Per task: Linear(features -> hidden), ReLU, Linear(hidden -> classes) (UTKFace)."""
+    """One :class:`ClassifierHead` per task (UTKFace, MultiDigits); ``features`` is one
+    ``(batch, channels)`` array or a dict ``{task: array}``."""
 
     tasks: Sequence[tuple[str, int]]
     hidden: int = 64
@@ -214,8 +232,9 @@ class ClassifierHeads(nn.Module):
     @nn.compact
     def __call__(self, features, output_size=None, train: bool = True) -> Mapping[str, jax.Array]:
         del output_size, train  # no spatial output, no BatchNorm
-        outputs = {}
-        for task, classes in self.tasks:
-            h = nn.relu(torch_dense(self.hidden, features.shape[-1], name=f"{task}_fc1")(features))
-            outputs[task] = torch_dense(classes, self.hidden, name=f"{task}_fc2")(h)
-        return outputs
+        return {
+            task: ClassifierHead(classes, self.hidden, name=task)(
+                features[task] if isinstance(features, Mapping) else features
+            )
+            for task, classes in self.tasks
+        }
