@@ -152,3 +152,34 @@ def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0)
     for task in tasks:
         batch[task.name] = task.record.example_target(task, rng, batch_size, height, width)
     return batch
+
+
+def split_train_step(args, dgr, method=None):
+    """The benchmarked set-up: the Split network of ``args`` (backbone, widths) on NYUv2's
+    tasks, SGD with momentum, a random batch (with a second one under ``heldout/`` keys
+    for a look-ahead method), the train state and the un-jitted step. Returns
+    ``(net, state, batch, step)``."""
+    import optax
+
+    from dgr_jax.models import ModelConfig, build_model
+    from dgr_jax.tasks import NYUV2
+    from dgr_jax.train import HELDOUT, init_train_state, make_train_step
+
+    net = build_model(
+        ModelConfig(
+            network="split",
+            backbone=args.backbone,
+            base_width=args.base_width,
+            head_width=args.head_width,
+        ),
+        NYUV2,
+    )
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    batch = random_batch(NYUV2, args.batch_size, args.height, args.width)
+    if method is not None and method.lookahead is not None:
+        heldout = random_batch(NYUV2, args.batch_size, args.height, args.width, seed=1)
+        batch = {**batch, **{HELDOUT + k: v for k, v in heldout.items()}}
+    state = init_train_state(
+        net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy, method
+    )
+    return net, state, batch, make_train_step(net, NYUV2, dgr, optimizer, method)

@@ -57,35 +57,15 @@ def run_child(args) -> dict:
     """Time one (method, DGR) configuration in this process."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from dgr_jax.methods import get_method
-    from dgr_jax.models import ModelConfig, build_model
     from dgr_jax.objective import DGRConfig
     from dgr_jax.tasks import NYUV2
-    from dgr_jax.train import HELDOUT, init_train_state, make_train_step
 
     name, with_dgr = args.child.split(":")
     method = get_method(name)
     dgr = DGRConfig(weight=args.dgr_weight if with_dgr == "1" else 0.0, num_dummy=args.num_dummy)
-    net = build_model(
-        ModelConfig(
-            network="split",
-            backbone=args.backbone,
-            base_width=args.base_width,
-            head_width=args.head_width,
-        ),
-        NYUV2,
-    )
-    optimizer = optax.sgd(0.1, momentum=0.9)
-    batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
-    if method.lookahead is not None:  # Auto-lambda's held-out batch: another random one
-        heldout = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width, seed=1)
-        batch = {**batch, **{HELDOUT + k: v for k, v in heldout.items()}}
-    state = init_train_state(
-        net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy, method
-    )
-    step = make_train_step(net, NYUV2, dgr, optimizer, method)
+    net, state, batch, step = _bench.split_train_step(args, dgr, method)
     _, compile_s, median_s, (state, metrics) = _bench.compile_and_time(
         step, (state, batch), args.repeats, threaded_state=True
     )

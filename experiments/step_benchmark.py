@@ -71,13 +71,8 @@ def parse_args(argv=None):
 
 def run_mode(args) -> dict:
     """Time one mode in this process; returns its figures."""
-    import jax
-    import optax
 
-    from dgr_jax.models import ModelConfig, build_model
     from dgr_jax.objective import DGRConfig
-    from dgr_jax.tasks import NYUV2
-    from dgr_jax.train import init_train_state, make_train_step
 
     method = MODES[args.child_mode]
     dgr = DGRConfig(
@@ -88,19 +83,7 @@ def run_mode(args) -> dict:
         squared=method == "paper",
         unroll_sets={"auto": None, "vmap": False, "unroll": True}[args.dummy_batching],
     )
-    net = build_model(
-        ModelConfig(
-            network="split",
-            backbone=args.backbone,
-            base_width=args.base_width,
-            head_width=args.head_width,
-        ),
-        NYUV2,
-    )
-    optimizer = optax.sgd(0.1, momentum=0.9)
-    batch = _bench.random_batch(NYUV2, args.batch_size, args.height, args.width)
-    state = init_train_state(net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy)
-    step = make_train_step(net, NYUV2, dgr, optimizer)
+    _, state, batch, step = _bench.split_train_step(args, dgr)
     _, compile_s, median_s, (_, metrics) = _bench.compile_and_time(
         step, (state, batch), args.repeats, threaded_state=True
     )

@@ -219,6 +219,40 @@ def test_registry_and_argument_checks():
         dwa().loss(params, jnp.ones(2), state)
 
 
+@pytest.mark.parametrize(
+    "name, argument, value, requirement",
+    [
+        ("cagrad", "c", -0.1, ">= 0"),
+        ("cagrad", "rescale", 3, "0, 1 or 2"),
+        ("cagrad", "iterations", 0, "an integer >= 1"),
+        ("mgda", "iterations", 2.5, "an integer >= 1"),
+        ("mgda", "level", "features", "'representation' or 'parameters'"),
+        ("nash_mtl", "max_norm", -1.0, ">= 0"),
+        ("nash_mtl", "iterations", 0, "an integer >= 1"),
+        ("upgrad", "iterations", -3, "an integer >= 1"),
+        ("gradvac", "beta", 1.5, "in [0, 1]"),
+        ("graddrop", "leak", -0.5, "in [0, 1]"),
+        ("gradnorm", "alpha", -1.0, ">= 0"),
+        ("gradnorm", "lr", 0.0, "> 0"),
+        ("db_mtl", "beta", 1.0, "in [0, 1)"),
+        ("db_mtl", "beta_sigma", -0.5, ">= 0"),
+        ("autol", "lr", 0.0, "> 0"),
+        ("autol", "initial_weight", 0.0, "> 0"),
+        ("autol", "hypergradient", "second_order", "one of"),
+        ("famo", "gamma", -0.01, ">= 0"),
+        ("famo", "w_lr", 0.0, "> 0"),
+        ("famo", "max_norm", -1.0, ">= 0"),
+    ],
+)
+def test_bad_hyperparameters_name_the_method_and_argument(name, argument, value, requirement):
+    with pytest.raises(ValueError) as error:
+        get_method(name, **{argument: value})
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}: {argument} must be ") and requirement in message, message
+    assert message.endswith(f"got {value!r}") or message.endswith(f"got {value}"), message
+
+
 # --- The interface through the library's step ----------------------------------------
 
 
@@ -581,8 +615,8 @@ def test_jitted_loop_of_vjps_is_the_workaround_and_is_exact():
 @pytest.mark.xfail(
     strict=True,
     reason="jax 0.10.2 / XLA:CPU: jit(vmap(vjp)) gives a wrong row for the rsqrt-normalised "
-    "task (relative error ~9; eager and the jitted loop agree), so per_task_gradients runs "
-    "T + 1 VJPs in a loop; when this passes, switch it to one vmapped VJP",
+    "task (relative error ~9; eager and the jitted loop agree), so methods.stacked_vjps "
+    "loops; when this passes, a vmapped VJP is correct again (on CPU the loop stays faster)",
 )
 def test_jitted_vmapped_vjp_equals_the_eager_rows():
     eager, jitted = _vmap_repro_rows(vmapped=True)

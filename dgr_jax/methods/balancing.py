@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgr_jax.methods.base import MTLMethod, NoState, check_losses, check_num_tasks
+from dgr_jax.methods.base import (
+    MTLMethod,
+    NoState,
+    check_argument,
+    check_losses,
+    check_num_tasks,
+    state_weights_loss,
+)
 from dgr_jax.methods.gradients import combine_with, task_norms
 
 
@@ -44,8 +51,8 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> MTLMethod:
     on ``d L_grad / d w`` and is renormalised to sum T (kept above 1e-3 T). The gradient
     norms are over every shared parameter (the encoder), as LibMTL's, not the last
     shared layer only."""
-    if not lr > 0:
-        raise ValueError(f"gradnorm: lr must be > 0, got {lr}")
+    check_argument("gradnorm", "alpha", alpha, alpha >= 0, ">= 0")
+    check_argument("gradnorm", "lr", lr, lr > 0, "> 0")
     weight_optimizer = optax.adam(lr)
 
     def init(num_tasks, dtype=jnp.float32):
@@ -57,12 +64,6 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> MTLMethod:
             jnp.ones_like(weights),
             jnp.zeros((), jnp.int32),
         )
-
-    def loss(params, task_losses, state):
-        del params
-        check_losses("gradnorm", task_losses, state.weights.shape[0])
-        weights = jax.lax.stop_gradient(state.weights).astype(task_losses.dtype)
-        return jnp.sum(weights * task_losses), weights
 
     def combine(task_grads, task_losses, weights, state):
         weights = jax.lax.stop_gradient(weights)
@@ -80,7 +81,9 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025) -> MTLMethod:
         new = num_tasks * new / jnp.sum(new)
         return combined, GradNormState(new, opt_state, initial, state.steps + 1)
 
-    return MTLMethod(init=init, loss=loss, combine=combine, needs_task_grads=True)
+    return MTLMethod(
+        init=init, loss=state_weights_loss("gradnorm"), combine=combine, needs_task_grads=True
+    )
 
 
 class DBMTLState(NamedTuple):
@@ -96,6 +99,9 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.5) -> MTLMethod:
     is ``sum_t (max_s ||m_s|| / ||m_t||) m_t``: every task's average scaled to the largest
     norm. The heads get ``grad log l_t``. The averages are parameter-shaped state (T
     copies of the encoder's gradient), in the checkpoint."""
+
+    check_argument("db_mtl", "beta", beta, 0 <= beta < 1, "in [0, 1)")
+    check_argument("db_mtl", "beta_sigma", beta_sigma, beta_sigma >= 0, ">= 0")
 
     def init(num_tasks, dtype=jnp.float32, shared=None):
         check_num_tasks("db_mtl", num_tasks)

@@ -148,9 +148,33 @@ def clip_by_norm(tree: PyTree, max_norm: float) -> PyTree:
     (its 1e-6); unchanged for ``max_norm == 0``."""
     if not max_norm:
         return tree
-    norm = optax.tree.norm(tree)
-    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    scale = clip_scale(optax.tree.norm(tree), max_norm)
     return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), tree)
+
+
+def clip_scale(norm: jax.Array, max_norm: float) -> jax.Array:
+    """The factor torch's ``clip_grad_norm_`` scales a gradient of norm ``norm`` by:
+    ``min(1, max_norm / (norm + 1e-6))``."""
+    return jnp.minimum(1.0, max_norm / (norm + 1e-6))
+
+
+def state_weights_loss(name: str):
+    """``loss`` for a method whose task weights live in ``state.weights`` (updated by the
+    method itself, not differentiated): ``sum_t w_t l_t``."""
+
+    def loss(params, task_losses, state):
+        del params
+        check_losses(name, task_losses, state.weights.shape[0])
+        weights = jax.lax.stop_gradient(state.weights).astype(task_losses.dtype)
+        return jnp.sum(weights * task_losses), weights
+
+    return loss
+
+
+def check_argument(name: str, argument: str, value, valid: bool, requirement: str) -> None:
+    """One line naming the method, its argument, what it must be and what it got."""
+    if not valid:
+        raise ValueError(f"{name}: {argument} must be {requirement}, got {value!r}")
 
 
 def check_num_tasks(name: str, num_tasks: int) -> None:

@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from dgr_jax.methods import solvers
-from dgr_jax.methods.base import MTLMethod, NoState, check_losses, check_num_tasks
+from dgr_jax.methods.base import (
+    MTLMethod,
+    NoState,
+    check_argument,
+    check_losses,
+    check_num_tasks,
+    clip_scale,
+)
 
 
 def gram_matrix(task_grads) -> jax.Array:
@@ -148,10 +155,6 @@ def pcgrad() -> MTLMethod:
 # ----------------------------------------------------------------------------- CAGrad
 
 
-class CAGradState(NamedTuple):
-    residual: jax.Array
-
-
 def cagrad_coefficients(gram, c, rescale=1, iterations=300):
     """CAGrad (Liu et al., "Conflict-Averse Gradient Descent", NeurIPS 2021):
     ``w = argmin_{w in simplex} g_w . g_0 + c ||g_0|| ||g_w||`` with ``g_0`` the average
@@ -177,17 +180,20 @@ def cagrad_coefficients(gram, c, rescale=1, iterations=300):
 
 def cagrad(c: float = 0.4, rescale: int = 1, iterations: int = 300) -> MTLMethod:
     """CAGrad; ``c = 0.4`` and ``rescale = 1`` as auto-lambda and the DGR repository run it."""
+    check_argument(
+        "cagrad", "iterations", iterations, int(iterations) == iterations >= 1, "an integer >= 1"
+    )
     if not c >= 0:
         raise ValueError(f"cagrad: c must be >= 0, got {c}")
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}")
 
     def init_state(num_tasks, dtype):
-        return CAGradState(residual=jnp.zeros((), dtype))
+        return ResidualState(residual=jnp.zeros((), dtype))
 
     def coefficients(gram, task_losses, state):
         coeffs, residual = cagrad_coefficients(gram, c, rescale, iterations)
-        return coeffs, CAGradState(residual.astype(state.residual.dtype))
+        return coeffs, ResidualState(residual.astype(state.residual.dtype))
 
     return _gram_method("cagrad", coefficients, init_state)
 
@@ -201,6 +207,9 @@ def mgda(iterations: int = 300, level: str = "representation") -> MTLMethod:
     T. ``level="representation"`` is MGDA-UB (the gradients with respect to the shared
     representation give the weights; the encoder is backpropagated once);
     ``level="parameters"`` uses the shared parameters' gradients."""
+    check_argument(
+        "mgda", "iterations", iterations, int(iterations) == iterations >= 1, "an integer >= 1"
+    )
     if level not in ("representation", "parameters"):
         raise ValueError(f"mgda: level must be 'representation' or 'parameters', got {level!r}")
 
@@ -287,6 +296,9 @@ def nash_mtl(max_norm: float = 1.0, iterations: int = 20) -> MTLMethod:
     the encoder's gradient to 1), each head gets ``alpha_t`` times its task's gradient
     (the original backpropagates ``sum alpha_t l_t``). The original approximates alpha by
     20 convex-concave steps with ECOS; here damped Newton solves the equation itself."""
+    check_argument(
+        "nash_mtl", "iterations", iterations, int(iterations) == iterations >= 1, "an integer >= 1"
+    )
     if not max_norm >= 0:
         raise ValueError(f"nash_mtl: max_norm must be >= 0 (0: no clipping), got {max_norm}")
 
@@ -301,7 +313,7 @@ def nash_mtl(max_norm: float = 1.0, iterations: int = 20) -> MTLMethod:
         c = alpha
         if max_norm > 0:
             norm = jnp.sqrt(jnp.maximum(alpha @ gram @ alpha, 0.0))
-            c = c * jnp.minimum(1.0, max_norm / (norm + 1e-6))  # torch's clip_grad_norm_
+            c = c * clip_scale(norm, max_norm)  # the clip of sum_t c_t g_t, from G
         state = NashState(alpha.astype(state.alpha.dtype), residual.astype(state.residual.dtype))
         return c, state
 
@@ -329,6 +341,9 @@ def upgrad_coefficients(gram: jax.Array, iterations: int = 300):
 
 def upgrad(iterations: int = 300) -> MTLMethod:
     """UPGrad, TorchJD's recommended aggregator: the result never conflicts with a task."""
+    check_argument(
+        "upgrad", "iterations", iterations, int(iterations) == iterations >= 1, "an integer >= 1"
+    )
 
     def init_state(num_tasks, dtype):
         return ResidualState(residual=jnp.zeros((), dtype))

@@ -30,8 +30,9 @@ from dgr_jax.methods.base import (
     LookAhead,
     MTLMethod,
     NoState,
-    check_losses,
+    check_argument,
     check_num_tasks,
+    state_weights_loss,
 )
 
 HYPERGRADIENTS = ("exact", "finite_difference")
@@ -89,8 +90,8 @@ def autol(initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "e
         raise ValueError(
             f"autol: hypergradient must be one of {HYPERGRADIENTS}, got {hypergradient!r}"
         )
-    if not lr > 0:
-        raise ValueError(f"autol: lr must be > 0, got {lr}")
+    check_argument("autol", "lr", lr, lr > 0, "> 0")
+    check_argument("autol", "initial_weight", initial_weight, initial_weight > 0, "> 0")
     meta_optimizer = optax.adam(lr)
     estimate = exact_hypergradient if hypergradient == "exact" else finite_difference_hypergradient
 
@@ -100,12 +101,6 @@ def autol(initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "e
         return NoState(), AutoLambdaState(
             weights, meta_optimizer.init(weights), jnp.zeros((num_tasks,), dtype)
         )
-
-    def loss(params, task_losses, state):
-        del params
-        check_losses("autol", task_losses, state.weights.shape[0])
-        weights = jax.lax.stop_gradient(state.weights).astype(task_losses.dtype)
-        return jnp.sum(weights * task_losses), weights
 
     def lookahead(state, context):
         hyper = estimate(context, state.weights).astype(state.weights.dtype)
@@ -117,7 +112,7 @@ def autol(initial_weight: float = 0.1, lr: float = 1e-4, hypergradient: str = "e
 
     return MTLMethod(
         init=init,
-        loss=loss,
+        loss=state_weights_loss("autol"),
         needs_task_grads=True,
         lookahead=lookahead,
         metrics=metrics,

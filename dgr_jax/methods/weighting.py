@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgr_jax.methods.base import MTLMethod, NoState, check_losses, check_num_tasks
+from dgr_jax.methods.base import (
+    MTLMethod,
+    NoState,
+    check_argument,
+    check_losses,
+    check_num_tasks,
+)
 
 
 def equal() -> MTLMethod:
@@ -183,6 +189,7 @@ def famo(gamma: float = 0.01, w_lr: float = 0.025, max_norm: float = 1.0) -> MTL
         raise ValueError(f"famo: max_norm must be >= 0 (0: no clipping), got {max_norm}")
     if not w_lr > 0:
         raise ValueError(f"famo: w_lr must be > 0, got {w_lr}")
+    check_argument("famo", "gamma", gamma, gamma >= 0, ">= 0")
     # torch's Adam(weight_decay=gamma) adds gamma * xi to the gradient before the moments.
     logit_optimizer = optax.chain(optax.add_decayed_weights(gamma), optax.adam(w_lr))
     eps = 1e-8  # the original's
