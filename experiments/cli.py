@@ -97,7 +97,7 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         dest="model.base_width",
         type=int,
         default=None,
-        help="the backbone's base width (64: the real ResNets; 16 with --synthetic)",
+        help="the backbone's base width (64: the real ResNets and Swin-T, whose embedding is 1.5x it; 16 with --synthetic)",
     )
     add(
         "--stage_sizes",
@@ -306,6 +306,16 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="devices on the data-parallel mesh (default all)",
+    )
+    add(
+        "--pretrained",
+        dest="train.pretrained",
+        default=None,
+        metavar="PATH",
+        help="start the backbone from an ImageNet-pretrained checkpoint you downloaded: "
+        "torchvision's resnet18/34/50/101 or swin_t weights as .safetensors, .npz, or .pth/.pt "
+        "(those need torch; python -m experiments.convert_weights converts them once); the "
+        "paper starts from torchvision's ResNet-50 (default: random initialisation)",
     )
     add("--no_progress", action="store_true", help="no progress bar (log lines only)")
     add(

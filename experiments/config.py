@@ -78,6 +78,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
     num_devices: int | None = None
+    # A torchvision / timm checkpoint of the backbone (ImageNet-pretrained) to start from.
+    pretrained: str | None = None
 
     def __post_init__(self):
         _one_of("TrainConfig", "optimizer", self.optimizer, OPTIMIZERS)
@@ -240,6 +242,7 @@ FIELD_FLAGS = {
     "train.eval_every": "--eval_every",
     "train.checkpoint_every": "--checkpoint_every",
     "train.num_devices": "--num_devices",
+    "train.pretrained": "--pretrained",
     "data.data_dir": "--data_dir",
     "data.synthetic": "--synthetic",
     "data.synthetic_size": "--synthetic_size",
@@ -267,6 +270,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.eval_every",
     "train.num_devices",
+    "train.pretrained",  # read at a run's start only: a resumed run's weights are its own
     "data.data_dir",
     "reference",
 )

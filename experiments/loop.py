@@ -30,10 +30,12 @@ from dgr_jax import parallel
 from dgr_jax.checkpoint import CheckpointError, Checkpoints
 from dgr_jax.methods import MTLMethod
 from dgr_jax.models import build_model
+from dgr_jax.models.pretrained import encoder_from_torch, with_pretrained_encoder
 from dgr_jax.train import HELDOUT, end_epoch, init_train_state, make_train_step
 from experiments import reporting
 from experiments.config import RESUMABLE_CHANGES, RunConfig, TrainConfig, describe_field, flatten
 from experiments.evaluation import Evaluator
+from experiments.weights import read_state_dict
 
 RUN_FILES = (
     "checkpoints",
@@ -295,10 +297,13 @@ def train_and_evaluate(
     interruption; the checkpoint then lets ``resume=True`` continue it).
     """
     main_process = jax.process_index() == 0
+    path = config.train.pretrained
+    # Read before the workdir is touched, so that a bad file leaves nothing behind.
+    pretrained = load_pretrained(path, config) if path is not None and not resume else None
     workdir = prepare_workdir(workdir, resume=resume, overwrite=overwrite, log=log)
     run = _build(config, workdir, log)
     try:
-        state, position = _resume(run) if resume else _start(run)
+        state, position = _resume(run) if resume else _start(run, pretrained)
         log(_describe(run))
         with SignalGuard() as signals:
             summary = _train(run, state, position, signals, stop_after, progress and main_process)
@@ -365,10 +370,32 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
     )
 
 
-def _start(run: Run):
+def _start(run: Run, pretrained=None):
+    """A fresh state; with ``pretrained`` (``load_pretrained``), its encoder trunk."""
     key = jax.random.PRNGKey(run.config.train.seed)
-    state = jax.jit(run.init, out_shardings=parallel.replicated(run.mesh))(key)
+    replicated = parallel.replicated(run.mesh)
+    state = jax.jit(run.init, out_shardings=replicated)(key)
+    if pretrained is not None:
+        run.log(f"encoder trunk from {run.config.train.pretrained} ({run.config.model.backbone})")
+        merged = with_pretrained_encoder(
+            {"params": state.params, "batch_stats": state.batch_stats}, pretrained
+        )
+        state = jax.device_put(
+            state.replace(params=merged["params"], batch_stats=merged["batch_stats"]), replicated
+        )
     return state, {"epoch": 0, "step_in_epoch": 0}
+
+
+def load_pretrained(path: str, config: RunConfig) -> dict:
+    """The encoder's variables from a pretrained checkpoint (a new run's start; a resumed
+    run has them in its checkpoint); any problem with the file is one ``RunError`` line."""
+    try:
+        return encoder_from_torch(read_state_dict(path), config.model)
+    except ValueError as error:  # WeightsError, or the mapping's key / shape message
+        message = str(error)
+        if not message.startswith("--pretrained"):
+            message = f"--pretrained {path}: {message.removeprefix('pretrained weights: ')}"
+        raise RunError(message) from None
 
 
 def _resume(run: Run):

@@ -9,6 +9,7 @@ Every network is a ``MultiTaskNet`` returning ``(features, outputs)``. Build one
 
 Backbones are found by name in ``backbones.BACKBONES`` (ResNet-18/34/50/101 register
 themselves in ``resnet.py``); a new trunk is one module that registers itself.
+``encoder_from_torch`` maps a torchvision state dict onto the encoder (``pretrained.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import flax.linen as nn
 import jax
 
 from dgr_jax.errors import ConfigError
-from dgr_jax.models import resnet  # noqa: F401  (registers the ResNets)
-from dgr_jax.models.backbones import BACKBONES, backbone_name, register_backbone
+from dgr_jax.models import resnet, swin  # noqa: F401  (register the ResNets and Swin-T)
+from dgr_jax.models.backbones import BACKBONES, UNDILATED, backbone_name, register_backbone
 from dgr_jax.models.batch_norm import BatchNorm, batch_norm_factory
 from dgr_jax.models.heads import (
     ClassifierHeads,
@@ -30,6 +31,7 @@ from dgr_jax.models.heads import (
     bilinear_resize_align_corners,
 )
 from dgr_jax.models.mtan import AttentionMask, MTANEncoder
+from dgr_jax.models.pretrained import encoder_from_torch, with_pretrained_encoder
 from dgr_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from dgr_jax.models.split import MultiTaskNet, PooledEncoder
 
@@ -67,8 +69,6 @@ class ModelConfig:
             raise ConfigError(
                 "ModelConfig", "network", f"must be one of {NETWORKS}, got {self.network!r}"
             )
-        if self.dilated is None:
-            object.__setattr__(self, "dilated", self.network != "classifier")
         try:
             object.__setattr__(self, "backbone", backbone_name(self.backbone))
         except ValueError:
@@ -77,10 +77,18 @@ class ModelConfig:
                 "backbone",
                 f"must be one of {', '.join(sorted(BACKBONES))}, got {self.backbone!r}",
             ) from None
+        if self.dilated is None:
+            dilatable = self.backbone not in UNDILATED
+            object.__setattr__(self, "dilated", self.network != "classifier" and dilatable)
+        elif self.dilated and self.backbone in UNDILATED:
+            raise ConfigError("ModelConfig", "dilated", f"{self.backbone!r} has no dilated variant")
         if self.network == "mtan" and not self.dilated:
-            raise ConfigError(
-                "ModelConfig", "network", "'mtan' needs a dilated backbone (dilated=True)"
+            why = (
+                f"; {self.backbone} has no dilated variant"
+                if self.backbone in UNDILATED
+                else " (dilated=True)"
             )
+            raise ConfigError("ModelConfig", "network", f"'mtan' needs a dilated backbone{why}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(
                 "ModelConfig", "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}"
@@ -169,6 +177,8 @@ __all__ = [
     "bilinear_resize_align_corners",
     "build_model",
     "count_params",
+    "encoder_from_torch",
     "heads_apply_fn",
     "register_backbone",
+    "with_pretrained_encoder",
 ]

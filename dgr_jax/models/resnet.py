@@ -11,7 +11,9 @@ whose formerly strided 3x3 conv gets half that (1 and 2). Padding equals dilatio
 spatial sizes match PyTorch exactly.
 
 Initialisers follow torchvision: convs He-normal (fan_out, ReLU gain), BN scale 1 and
-bias 0. No pretrained weights are loaded (nothing is downloaded here).
+bias 0. Pretrained weights come from torchvision's state dicts through
+``models.pretrained.encoder_from_torch`` (:func:`torch_layout` names each key); nothing
+is downloaded here.
 
 Data layout is NHWC. Every module takes ``norm``, the normalisation layer's constructor
 (``models.batch_norm.BatchNorm``, PyTorch's semantics, by default).
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 
-from dgr_jax.models.backbones import register_backbone
+from dgr_jax.models.backbones import register_backbone, register_torch_layout
 from dgr_jax.models.batch_norm import BatchNorm
 
 NormFactory = Callable[..., Any]
@@ -187,5 +189,31 @@ def _register(depth: int):
         )
 
 
+_TORCH_BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_TORCH_MODULES = {
+    "stem_conv": "conv1",
+    "stem_bn": "bn1",
+    "downsample_conv": "downsample.0",
+    "downsample_bn": "downsample.1",
+}
+
+
+def oihw_to_hwio(w):
+    return w.transpose(2, 3, 1, 0)
+
+
+def torch_layout(path: tuple) -> tuple:
+    """torchvision's ResNet key for a Flax path ``(collection, *names)``:
+    ``stem_conv`` -> ``conv1``, ``layer2_0/downsample_bn`` -> ``layer2.0.downsample.1``;
+    a conv's ``kernel`` is its ``weight`` (OIHW -> HWIO), BatchNorm's ``scale``, ``bias``,
+    ``mean``, ``var`` are ``weight``, ``bias``, ``running_mean``, ``running_var``."""
+    *modules, leaf = path[1:]
+    names = [_TORCH_MODULES.get(m, m.replace("_", ".")) for m in modules]
+    if leaf == "kernel":
+        return ".".join(names + ["weight"]), oihw_to_hwio
+    return ".".join(names + [_TORCH_BN[leaf]]), lambda x: x
+
+
 for _depth in STAGE_SIZES:
     _register(_depth)
+    register_torch_layout(f"resnet{_depth}")(torch_layout)
