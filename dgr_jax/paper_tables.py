@@ -2,7 +2,9 @@
 
 ``PAPER_SINGLE_TASK``: the single-task references of its Δm; ``paper_rows``: its Tables
 1-3 (ResNet-50, averages of three runs; "+ Ours" is the row above plus DGR);
-``paper_method_name``: our method names as the paper's row names.
+``paper_method_name``: our method names as the paper's row names; ``PAPER_TABLE_4A``:
+its sensitivity table (Δm against the vanilla network's own single-task runs, by number
+of primary tasks and number of dummy sets).
 """
 
 from __future__ import annotations
@@ -143,3 +145,18 @@ def paper_method_name(weighting: str, dgr: bool) -> str:
     the paper does not report keeps its own name (so it matches no ``paper_rows`` row)."""
     base = _PAPER_NAMES.get(weighting.lower().replace("_", "").replace("-", ""), weighting)
     return f"{base} + Ours" if dgr else base
+
+
+PAPER_TABLE_4A = {
+    # (dataset, primary tasks): Δm in percent for Vanilla, then DGR with the dummy-set
+    # counts of the table's columns, 1, 2 and 3 (``PAPER_TABLE_4A_DUMMY``).
+    ("nyuv2", 1): (0.00, 0.05, 0.07, -0.25),
+    ("nyuv2", 2): (6.76, 6.84, 6.93, 6.73),
+    ("nyuv2", 3): (6.32, 7.13, 8.05, 7.96),
+    ("cityscapes", 1): (0.00, -0.04, 0.02, 0.03),
+    ("cityscapes", 2): (3.24, 3.30, 3.33, 3.28),
+    ("cityscapes", 3): (3.37, 3.72, 3.83, 3.66),
+}
+"""The paper's Table 4(a), as printed (ImageNet's top-1 row: ``PAPER_TABLE_4A_IMAGENET``)."""
+PAPER_TABLE_4A_DUMMY = (0, 1, 2, 3)  # 0: Vanilla
+PAPER_TABLE_4A_IMAGENET = (0.7613, 0.7630, 0.7650, 0.7598)  # top-1 accuracy

@@ -144,3 +144,27 @@ def test_method_benchmark_reports_every_configuration_against_equal(tmp_path):
     assert graddrop["combine_s"] > 0 and "combine_s" not in equal
     assert graddrop["solver_s"] > 0 and "solver_s" not in equal
     assert abs(graddrop["solver_share"] - graddrop["solver_s"] / graddrop["median_s"]) < 1e-12
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_table4a_sweep_writes_the_table_and_resumes(tmp_path, capsys):
+    from experiments import table4a
+
+    argv = ["--datasets", "nyuv2", "--num_tasks", "1", "--num_dummy", "0", "1", "--synthetic"]
+    argv += ["--small", "--workdir", str(tmp_path), "--synthetic_counts", "4,2", "--epochs", "1"]
+    first = table4a.main(argv)
+    out = capsys.readouterr().out
+    assert "[1/2] nyuv2 single_seg: --synthetic --tasks seg --dgr_weight 0" in out
+    assert "[2/2] nyuv2 tasks1_dummy1:" in out and "--num_dummy 1" in out
+    assert first["delta_m"]["nyuv2"]["1"]["0"] == 0.0  # the single-task run is its own reference
+    seg = first["runs"]["nyuv2/tasks1_dummy1"]["seg/miou"]
+    reference = first["runs"]["nyuv2/single_seg"]["seg/miou"]
+    assert abs(first["delta_m"]["nyuv2"]["1"]["1"] - (seg - reference) / reference) < 1e-12
+    table = (tmp_path / "table4a.md").read_text()
+    assert "| nyuv2 (1), paper | +0.00% | +0.05% |" in table
+    again = table4a.main(argv)  # everything done: skipped, same table
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert again == first
+    with pytest.raises(SystemExit):
+        table4a.main(["--synthetic", "--tasks", "seg"])
+    assert "--tasks is set by the sweep itself" in capsys.readouterr().err
