@@ -27,7 +27,7 @@ from dgr_jax.paper_tables import PAPER_TABLE_4A, PAPER_TABLE_4A_DUMMY
 DATASETS = ("nyuv2", "cityscapes")
 SMALL = [  # a CPU preset: tiny networks and data, a few epochs
     "--base_width", "4", "--head_width", "8", "--stage_sizes", "1,1,1,1",
-    "--synthetic_size", "24,32", "--synthetic_counts", "8,4", "--epochs", "2",
+    "--synthetic_size", "24x32", "--synthetic_counts", "8,4", "--epochs", "2",
     "--batch_size", "4",
 ]  # fmt: skip
 

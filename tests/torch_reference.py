@@ -9,11 +9,18 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
+    """torchvision's BasicBlock; dilated as DeepLab's ``ResnetDilated`` (torchvision's
+    refuses dilation here): the first block's formerly strided conv1 gets
+    ``first_dilation``, every other 3x3 conv the stage's ``dilation``."""
+
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(
+        self, inplanes, planes, stride=1, downsample=None, dilation=1, first_dilation=None
+    ):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
+        d1 = dilation if first_dilation is None else first_dilation
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, d1, d1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -29,11 +36,16 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
+    def __init__(
+        self, inplanes, planes, stride=1, downsample=None, dilation=1, first_dilation=None
+    ):
         super().__init__()
+        d2 = (
+            dilation if first_dilation is None else first_dilation
+        )  # torchvision: previous_dilation
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, d2, d2, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -83,7 +95,9 @@ class ResNet(nn.Module):
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        layers = [
+            block(self.inplanes, planes, stride, downsample, self.dilation, previous_dilation)
+        ]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)

@@ -95,7 +95,7 @@ class WindowAttention(nn.Module):
             "relative_position_bias_table", dense_init, ((2 * w - 1) ** 2, self.heads)
         )
         bias = table[relative_position_index(w).reshape(-1)].reshape(w * w, w * w, self.heads)
-        attention = q @ k.swapaxes(-1, -2) + bias.transpose(2, 0, 1)
+        attention = q @ k.swapaxes(-1, -2) + bias.transpose(2, 0, 1)[None]
         if any(shift):
             mask = jnp.asarray(shift_mask(ph, pw, w, shift))
             attention = attention.reshape(batch, -1, self.heads, w * w, w * w) + mask[None, :, None]
