@@ -236,6 +236,9 @@ def make_train_step(
                             virtual_step=virtual_step,
                             task_losses=lambda p: losses_at(p, batch, dropout_rng),
                             heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
+                            weighted_grads=lambda w: _weighted_model_grads(
+                                w, task_encoder, shared.heads, tasks
+                            ),
                         ),
                     )
                 (method_total, weights), method_grads = jax.value_and_grad(
@@ -374,6 +377,22 @@ def _per_task_cotangents(task_cotangents, features, tasks) -> list:
         {s: task_cotangents[s] if s == t.name else jnp.zeros_like(features[s]) for s in features}
         for t in tasks
     ]
+
+
+def _weighted_model_grads(weights, task_encoder, heads_grads, tasks) -> PyTree:
+    """``sum_t w_t g_t`` of the model, differentiable in ``weights``: the encoder's rows
+    contracted, each head's own gradient scaled by its task's weight."""
+    return {
+        "encoder": jax.tree_util.tree_map(
+            lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), task_encoder
+        ),
+        "heads": {
+            t.name: jax.tree_util.tree_map(
+                lambda g, i=i: weights[i].astype(g.dtype) * g, heads_grads[t.name]
+            )
+            for i, t in enumerate(tasks)
+        },
+    }
 
 
 def _per_task_head_grads(heads_grads, tasks) -> PyTree:

@@ -135,7 +135,7 @@ def test_full_size_deeplab_head_matches_torchvision_deeplabv3_resnet50():
     # torchvision deeplabv3_resnet50(num_classes=21, aux_loss=True): 42,004,074 parameters
     # = backbone + DeepLabHead(2048, 21) + FCNHead(1024, 21) (3x3 conv 256, BN, 1x1 conv).
     net = build_model(ModelConfig(network="split"), ())
-    heads = type(net.heads)((("seg", 21),), (), False)
+    heads = type(net.heads)((("seg", 21),), ())
     shapes = jax.eval_shape(
         lambda k, z: heads.init(k, z, (64, 64), train=False),
         jax.random.PRNGKey(0),

@@ -141,6 +141,9 @@ class LookAhead(NamedTuple):
     virtual_step: Callable[[PyTree], PyTree]  # model grads -> the params the optimizer would give
     task_losses: Callable[[PyTree], jax.Array]  # params -> (T,) on the training batch
     heldout_losses: Callable[[PyTree], jax.Array]  # params -> (T,) on the held-out batch
+    # weights (T,) -> sum_t w_t task_grads[t], differentiable in the weights, without the
+    # zero rows of task_grads' heads (each head has one task's gradient); None: from task_grads
+    weighted_grads: Callable[[jax.Array], PyTree] | None = None
 
 
 def clip_by_norm(tree: PyTree, max_norm: float) -> PyTree:

@@ -46,6 +46,8 @@ class AutoLambdaState(NamedTuple):
 
 def _weighted_grads(context, weights):
     # lambda enters only here, so the exact hypergradient is a VJP of this sum.
+    if context.weighted_grads is not None:
+        return context.weighted_grads(weights)
     return jax.tree_util.tree_map(
         lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), context.task_grads
     )
