@@ -45,10 +45,10 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     except Exception as error:  # a truncated or foreign file: say which, in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"--pretrained {path}: cannot read it ({first})") from None
-    tensors = _unwrap(tensors)
     if not tensors:
         raise WeightsError(f"--pretrained {path}: holds no tensors")
-    return {_strip(k): np.asarray(v) for k, v in tensors.items()}
+    # DataParallel's "module." prefix off
+    return {k.removeprefix("module."): np.asarray(v) for k, v in tensors.items()}
 
 
 def _read_torch(path: Path) -> Mapping:
@@ -79,11 +79,3 @@ def _unwrap(tensors):
             if key in tensors and isinstance(tensors[key], Mapping):
                 return tensors[key]
     return tensors
-
-
-def _strip(key: str) -> str:
-    """``module.`` (DataParallel) and ``backbone.`` prefixes off."""
-    for prefix in ("module.",):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
