@@ -222,7 +222,7 @@ FIELD_FLAGS = {
     "model.bn_unbiased_running_var": "--bn_running_var",
     "model.dilated": None,
     "model.aspp_rates": None,
-    "model.classifier_hidden": None,
+    "model.classifier_hidden": "--classifier_hidden",
     "dgr.weight": "--dgr_weight",
     "dgr.num_dummy": "--num_dummy",
     "dgr.estimator": "--dgr_method",

@@ -100,8 +100,21 @@ def plot_curves(workdir: Path, tasks) -> Path | None:
     return path
 
 
+# Metrics printed (and tabled) beside the headline when a task reports them.
+SHOWN_BESIDE_HEADLINE = ("top5",)
+
+
+def shown_keys(values, tasks) -> list[str]:
+    """Each task's headline key, then those of ``SHOWN_BESIDE_HEADLINE`` it reports."""
+    keys = []
+    for t in tasks:
+        keys.append(t.headline_key)
+        keys += [f"{t.name}/{m}" for m in SHOWN_BESIDE_HEADLINE if f"{t.name}/{m}" in values]
+    return keys
+
+
 def format_metrics(values, paper, tasks) -> str:
-    parts = [f"{t.headline_key} {values[t.headline_key]:.4f}" for t in tasks]
+    parts = [f"{key} {values[key]:.4f}" for key in shown_keys(values, tasks)]
     if "delta_m" in values:
         parts.append(
             f"Δm {values['delta_m'] * 100:+.2f}% (paper's convention {paper['delta_m'] * 100:+.2f}%)"
@@ -112,8 +125,10 @@ def format_metrics(values, paper, tasks) -> str:
 def results_table(config, tasks, values: dict[str, float], paper_values: dict[str, float]) -> str:
     """Our rows in the paper's table format (headline metric per task, Δm): in the paper's
     metric convention, which is the one to compare with the paper's row beside it (where
-    the paper has one), and in ours (whole-set statistics)."""
-    keys = [t.headline_key for t in tasks]
+    the paper has one), and in ours (whole-set statistics). The paper's row is the one of
+    the run's method, for its number of dummy sets where the paper has one per count
+    (ImageNet, Table 4(a))."""
+    keys = shown_keys(values, tasks)
     method = paper_tables.paper_method_name(config.method.name, config.dgr.on)
     header = "| run | " + " | ".join(keys) + " | Δm |"
     rule = "|" + "---|" * (len(keys) + 2)
@@ -134,8 +149,10 @@ def results_table(config, tasks, values: dict[str, float], paper_values: dict[st
         row(f"this run: {method} (whole-set)", values),
     ]
     paper = config.spec.paper_rows(config.model.network)
-    if method in paper:
-        lines.append(row(f"paper: {method}", paper[method]))
+    names = ([f"{method} (K={config.dgr.num_dummy})"] if config.dgr.on else []) + [method]
+    name = next((n for n in names if n in paper), None)
+    if name is not None:
+        lines.append(row(f"paper: {name}", paper[name]))
     lines.append("")
     lines.append(
         "The paper's row compares with this run's first row (per-batch running means, as "

@@ -123,6 +123,42 @@ def test_classification_by_hand():
     assert metrics == {"age/acc": pytest.approx(3 / 5, rel=1e-12)}
 
 
+def test_top5_by_hand_and_against_numpy():
+    task = Task("label", 12, "classification")
+    logits = np.zeros((4, 12))
+    logits[0, [3, 7, 1, 9, 0, 5]] = [6, 5, 4, 3, 2, 1]  # top 5: 3 7 1 9 0
+    logits[1, 11] = 1.0  # then 0 1 2 3 (ties: the lower index first, as argmax)
+    logits[2] = np.arange(12)  # top 5: 11 10 9 8 7
+    logits[3, 4] = -1.0  # everything but 4 ties at 0: top 5 is 0 1 2 3 5
+    labels = np.array([0, 3, 6, 4])  # in, in, out (6th largest), out
+    metrics = evaluate((task,), ({"label": logits}, {"label": labels}))
+    assert metrics == {"label/acc": 0.0, "label/top5": pytest.approx(2 / 4, rel=1e-12)}
+
+    rng = np.random.default_rng(0)
+    task = Task("label", 1000, "classification")
+    batches = [
+        ({"label": rng.normal(size=(n, 1000))}, {"label": rng.integers(0, 1000, n)})
+        for n in (64, 64, 7)
+    ]
+    for outputs, targets in batches:  # make some labels land in the top 5
+        top = np.argsort(-outputs["label"], axis=1)
+        chosen = rng.random(len(top)) < 0.4
+        targets["label"][chosen] = top[chosen, rng.integers(0, 5, chosen.sum())]
+    logits = np.concatenate([b[0]["label"] for b in batches])
+    labels = np.concatenate([b[1]["label"] for b in batches])
+    ranks = np.argsort(-logits, axis=1, kind="stable")
+    want_top5 = np.mean([label in row[:5] for label, row in zip(labels, ranks)])
+    metrics = evaluate((task,), *batches)
+    assert metrics["label/top5"] == pytest.approx(want_top5, rel=1e-12)
+    assert metrics["label/acc"] == pytest.approx(np.mean(ranks[:, 0] == labels), rel=1e-12)
+    assert 0.3 < want_top5 < 0.6  # the test means something
+    # Tasks of 10 classes or fewer (UTKFace's, MultiDigits') report no top-5.
+    few = UTKFACE + (Task("left", 10, "classification"),)
+    assert sorted(m.compute_metrics(few, m.init_metric_state(few))) == sorted(
+        f"{t.name}/acc" for t in few
+    )
+
+
 def test_metric_keys_and_empty_set():
     metrics = m.compute_metrics(NYUV2, m.init_metric_state(NYUV2))
     assert sorted(metrics) == sorted(
@@ -481,6 +517,19 @@ def test_paper_rows_transcription():
     for bad in (("nyuv2", None), ("cityscapes", "resnet"), ("utkface", "split"), ("nyu", None)):
         with pytest.raises(ValueError):
             tables.paper_rows(*bad)
+
+
+def test_paper_rows_imagenet_top1_by_number_of_dummy_sets():
+    # Table 4(a), last row: ResNet-50 top-1 76.13 / 76.30 / 76.50 / 75.98 % for 0..3 sets.
+    assert tables.paper_rows("imagenet") == {
+        "Vanilla": {"label/acc": 0.7613},
+        "Vanilla + Ours (K=1)": {"label/acc": 0.7630},
+        "Vanilla + Ours (K=2)": {"label/acc": 0.7650},
+        "Vanilla + Ours (K=3)": {"label/acc": 0.7598},
+    }
+    assert tables.PAPER_IMAGENET_TOP1 == {0: 0.7613, 1: 0.7630, 2: 0.7650, 3: 0.7598}
+    with pytest.raises(ValueError, match="one network"):
+        tables.paper_rows("imagenet", "split")
 
 
 def test_paper_method_names():

@@ -184,6 +184,31 @@ def test_classifier_counts_and_shapes():
     assert count_params(variables["params"]["encoder"]) == resnet_params(50, 4, TINY["stage_sizes"])
 
 
+def test_linear_classifier_head_is_one_torch_linear():
+    from dgr_jax.errors import ConfigError
+    from dgr_jax.tasks import IMAGENET
+
+    config = ModelConfig(network="classifier", classifier_hidden=0, **TINY)
+    net = build_model(config, IMAGENET)
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3), jnp.float32)
+    variables = net.init(jax.random.PRNGKey(0), images, train=False)
+    features, outputs = net.apply(variables, images, train=False)
+    head = variables["params"]["heads"]["label"]
+    assert jax.tree_util.tree_map(jnp.shape, head) == {
+        "fc": {"kernel": (128, 1000), "bias": (1000,)}
+    }  # torchvision's fc: 128 * 1000 + 1000 parameters
+    kernel, bias = np.asarray(head["fc"]["kernel"]), np.asarray(head["fc"]["bias"])
+    np.testing.assert_allclose(
+        outputs["label"], np.asarray(features) @ kernel + bias, rtol=1e-5, atol=1e-5
+    )
+    # nn.Linear's default init: weights and bias uniform in +-1 / sqrt(fan_in)
+    bound = 1 / np.sqrt(128)
+    for values in (kernel, bias):
+        assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound
+    with pytest.raises(ConfigError, match="classifier_hidden must be >= 0, got -1"):
+        ModelConfig(network="classifier", classifier_hidden=-1)
+
+
 def test_undilated_and_dilated_output_strides():
     x = jnp.zeros((1, 64, 96, 3))
     for stride in (8, 32):

@@ -59,6 +59,7 @@ class ModelConfig:
     aspp_rates: tuple[int, ...] = (12, 24, 36)
     # The original code (auto-lambda's DeepLabHead) has no dropout; torchvision's has 0.5.
     dropout_rate: float = 0.0
+    # The classifier heads' hidden width (Linear-ReLU-Linear); 0: one Linear layer.
     classifier_hidden: int = 64
     # BatchNorm running variance: unbiased n/(n-1) update as PyTorch (the original), or
     # Flax's biased one.
@@ -93,9 +94,13 @@ class ModelConfig:
             raise ConfigError(
                 "ModelConfig", "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}"
             )
-        for name in ("base_width", "head_width", "classifier_hidden"):
+        for name in ("base_width", "head_width"):
             if getattr(self, name) < 1:
                 raise ConfigError("ModelConfig", name, f"must be >= 1, got {getattr(self, name)}")
+        if self.classifier_hidden < 0:
+            raise ConfigError(
+                "ModelConfig", "classifier_hidden", f"must be >= 0, got {self.classifier_hidden}"
+            )
 
 
 def build_model(config: ModelConfig, tasks: Sequence[Any]) -> MultiTaskNet:

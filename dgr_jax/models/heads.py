@@ -1,4 +1,5 @@
-"""Task heads: DeepLabV3 (ASPP) for dense tasks, a two-layer MLP for classification.
+"""Task heads: DeepLabV3 (ASPP) for dense tasks, a two-layer MLP (or one linear layer) for
+classification.
 
 A *heads* module maps shared features to a dict of per-task outputs. The same module
 class builds the trained task heads and the dummy sets, so dummy sets have the task
@@ -211,20 +212,25 @@ class DenseHeads(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Linear(features -> hidden), ReLU, Linear(hidden -> classes)."""
+    """Linear(features -> hidden), ReLU, Linear(hidden -> classes) (``fc1``, ``fc2``);
+    ``hidden=0``: one Linear(features -> classes) named ``fc`` (torchvision's ResNet
+    classifier, ImageNet's head)."""
 
     classes: int
     hidden: int
 
     @nn.compact
     def __call__(self, x):
+        if self.hidden == 0:
+            return torch_dense(self.classes, x.shape[-1], name="fc")(x)
         h = nn.relu(torch_dense(self.hidden, x.shape[-1], name="fc1")(x))
         return torch_dense(self.classes, self.hidden, name="fc2")(h)
 
 
 class ClassifierHeads(nn.Module):
-    """One :class:`ClassifierHead` per task (UTKFace, MultiDigits); ``features`` is one
-    ``(batch, channels)`` array or a dict ``{task: array}``."""
+    """One :class:`ClassifierHead` per task (UTKFace, MultiDigits: an MLP; ImageNet:
+    ``hidden=0``, one linear layer); ``features`` is one ``(batch, channels)`` array or a
+    dict ``{task: array}``."""
 
     tasks: Sequence[tuple[str, int]]
     hidden: int = 64
