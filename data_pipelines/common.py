@@ -22,8 +22,9 @@ Every pipeline in this package follows the same contract:
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +36,27 @@ class DataError(ValueError):
 def cache_root() -> Path:
     """Where prepared data goes: ``$DGR_JAX_CACHE``, else ``~/.cache/dgr_jax``."""
     return Path(os.environ.get("DGR_JAX_CACHE", Path.home() / ".cache" / "dgr_jax")).expanduser()
+
+
+def write_once(root: Path, write: Callable[[Path], Any]) -> Path:
+    """``root``, made the first time by ``write(folder)`` into a temporary sibling that is
+    then renamed into place, so a folder that exists is complete. Processes may race: the
+    first rename wins and the others' copies are removed."""
+    root = Path(root)
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.with_name(
+            f"{root.name}.tmp{os.getpid()}_{np.random.default_rng().integers(1 << 30)}"
+        )
+        try:
+            write(tmp)
+            tmp.rename(root)
+        except OSError:
+            if not root.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:

@@ -87,7 +87,32 @@ _CITYSCAPES = {
     "Nash-MTL + Ours": ((57.78, 55.04, 0.74, 6.36), (57.77, 55.60, 0.74, 6.71)),
 }
 
+# Table 4(c), Pascal-Context: seg mIoU (%), human parts mIoU (%), normal mean angle (deg),
+# saliency IoU (%), edge odsF (%). Split ("Vanilla") | MTAN (printed as "MTAN"). The paper
+# prints no single-task row, so Δm of a run needs --reference (single-task runs).
+_PASCAL_COLUMNS = (
+    ("seg/miou", 0.01),
+    ("human_parts/miou", 0.01),
+    ("normal/mean_angle", 1.0),
+    ("saliency/miou", 0.01),
+    ("edge/odsf", 0.01),
+)
+_PASCAL = {
+    "Vanilla": ((63.8, 58.6, 14.9, 65.1, 69.2, -2.86), (63.7, 58.9, 14.8, 65.4, 69.6, -2.39)),
+    "Vanilla + Ours": (
+        (64.2, 58.7, 14.8, 65.2, 69.5, -2.42),
+        (63.8, 59.0, 14.7, 65.5, 69.6, -2.19),
+    ),
+}
+
 _SCENE_NETWORKS = ("split", "mtan")
+_SCENE_TABLES = {
+    "nyuv2": (_NYUV2, _NYUV2_COLUMNS),
+    "cityscapes": (_CITYSCAPES, _CITYSCAPES_COLUMNS),
+    "pascal": (_PASCAL, _PASCAL_COLUMNS),
+}
+TABLES = ("utkface", *_SCENE_TABLES, "imagenet")
+"""The data sets that ``paper_rows`` has a table for."""
 
 
 def _row(columns, printed) -> dict[str, float]:
@@ -102,26 +127,33 @@ def paper_rows(dataset: str, network: str | None = None) -> dict[str, dict[str, 
     in our units (mIoU and accuracy as fractions, NYUv2 depth abs err in metres, angles in
     degrees, Δm as a fraction; "Single" has Δm 0). Methods: "Single", then each of
     Vanilla, DWA, Uncertainty, Auto-λ, PCGrad, CAGrad, IMTL, Nash-MTL with and without
-    " + Ours" (DGR). ``network``: "split" or "mtan" for nyuv2 / cityscapes, None for
-    utkface. A dataset the paper has no table for raises a one-line ValueError."""
+    " + Ours" (DGR); Pascal-Context (Table 4(c)) only Vanilla and Vanilla + Ours, with no
+    "Single". ``network``: "split" or "mtan" for nyuv2 / cityscapes / pascal, None for
+    utkface and imagenet (Table 4(a)'s last row: "Vanilla" and "Vanilla + Ours (K=k)" for
+    k = 1, 2, 3 dummy sets, top-1 ``label/acc`` only, no Δm). A dataset the paper has no
+    table for raises a one-line ValueError."""
     if dataset == "utkface":
         if network is not None:
             raise ValueError(
                 f"paper_rows('utkface'): Table 1 has one network; pass network=None, not {network!r}"
             )
         return {method: _row(_UTKFACE_COLUMNS, printed) for method, printed in _UTKFACE.items()}
-    if dataset in ("nyuv2", "cityscapes"):
+    if dataset in _SCENE_TABLES:
         if network not in _SCENE_NETWORKS:
             raise ValueError(
                 f"paper_rows({dataset!r}): network must be one of {_SCENE_NETWORKS}, got {network!r}"
             )
-        table, columns = (
-            (_NYUV2, _NYUV2_COLUMNS) if dataset == "nyuv2" else (_CITYSCAPES, _CITYSCAPES_COLUMNS)
-        )
+        table, columns = _SCENE_TABLES[dataset]
         column = _SCENE_NETWORKS.index(network)
         return {method: _row(columns, printed[column]) for method, printed in table.items()}
+    if dataset == "imagenet":
+        if network is not None:
+            raise ValueError(
+                f"paper_rows('imagenet'): Table 4(a) has one network; pass network=None, not {network!r}"
+            )
+        return {name: {"label/acc": top1} for name, top1 in _imagenet_rows().items()}
     raise ValueError(
-        f"paper_rows: the paper has no table for {dataset!r}; it has utkface, nyuv2, cityscapes"
+        f"paper_rows: the paper has no table for {dataset!r}; it has {', '.join(TABLES)}"
     )
 
 
@@ -160,3 +192,14 @@ PAPER_TABLE_4A = {
 """The paper's Table 4(a), as printed (ImageNet's top-1 row: ``PAPER_TABLE_4A_IMAGENET``)."""
 PAPER_TABLE_4A_DUMMY = (0, 1, 2, 3)  # 0: Vanilla
 PAPER_TABLE_4A_IMAGENET = (0.7613, 0.7630, 0.7650, 0.7598)  # top-1 accuracy
+PAPER_IMAGENET_TOP1 = dict(zip(PAPER_TABLE_4A_DUMMY, PAPER_TABLE_4A_IMAGENET))
+"""ImageNet top-1 (ResNet-50, as a fraction) by number of dummy sets, 0 the vanilla network."""
+
+
+def _imagenet_rows() -> dict[str, float]:
+    """Table 4(a)'s ImageNet row as ``paper_rows`` rows: "Vanilla" (no dummy set) and
+    "Vanilla + Ours (K=k)" for k dummy sets; it prints top-1 only, no Δm."""
+    return {
+        "Vanilla" if k == 0 else f"Vanilla + Ours (K={k})": top1
+        for k, top1 in PAPER_IMAGENET_TOP1.items()
+    }

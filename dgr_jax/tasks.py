@@ -70,10 +70,22 @@ UTKFACE = (
     Task("gender", 2, "classification"),
     Task("ethnicity", 5, "classification"),
 )
+# Pascal-Context's five tasks (the PASCAL-MT layout of ASTMT / MTI-Net), in the order of
+# the paper's Table 4(c): 21-class semantic and 7-class human-part segmentation, surface
+# normals, saliency and edges.
+PASCAL_CONTEXT = (
+    Task("seg", 21, "segmentation", -1),
+    Task("human_parts", 7, "segmentation", -1),
+    Task("normal", 3, "normal", 0.0),
+    Task("saliency", 1, "saliency", -1),
+    Task("edge", 1, "edge", -1),
+)
 MULTIDIGITS = (
     Task("left", 10, "classification"),
     Task("right", 10, "classification"),
 )
+# Single-task ImageNet classification (the paper's Table 4(a), last row).
+IMAGENET = (Task("label", 1000, "classification"),)
 
 
 def task_losses(tasks) -> dict[str, Callable]:

@@ -115,6 +115,15 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         help="the DeepLabV3 heads' width (256: the real heads; 32 with --synthetic)",
     )
     add(
+        "--classifier_hidden",
+        dest="model.classifier_hidden",
+        type=int,
+        default=None,
+        help="the classifier heads' hidden width (Linear-ReLU-Linear on the pooled features); 0: "
+        "one Linear layer, torchvision's fc (default "
+        f"{spec.model_recipe.get('classifier_hidden', 64)}; classifier network only)",
+    )
+    add(
         "--weighting",
         dest="method.name",
         choices=sorted(methods.METHODS),
@@ -244,7 +253,7 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         const=True,
         default=None,
         help="train on built-in data instead"
-        + (" (procedural scenes, 96x128)" if spec.has_synthetic else "")
+        + (f" ({spec.synthetic_help})" if spec.has_synthetic else "")
         + ", with a CPU-sized preset: ResNet-18 with reduced widths, 8 epochs, DGR on "
         "(lambda 0.1); flags given explicitly still win",
     )
@@ -435,7 +444,7 @@ def _read_reference(spec: DatasetSpec, text: str) -> dict:
 def build_config(spec: DatasetSpec, args) -> RunConfig:
     """Flags -> ``RunConfig`` (defaults < recipe < CPU preset < flags); one line per error."""
     records = {
-        "model": {"network": spec.networks[0]},
+        "model": {"network": spec.networks[0], **spec.model_recipe},
         "dgr": {},
         "method": {},
         "train": dict(spec.recipe),

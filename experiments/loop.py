@@ -300,8 +300,14 @@ def train_and_evaluate(
     path = config.train.pretrained
     # Read before the workdir is touched, so that a bad file leaves nothing behind.
     pretrained = load_pretrained(path, config) if path is not None and not resume else None
+    created = not Path(workdir).exists()
     workdir = prepare_workdir(workdir, resume=resume, overwrite=overwrite, log=log)
-    run = _build(config, workdir, log)
+    try:
+        run = _build(config, workdir, log)
+    except BaseException:  # bad data: a workdir made for this run is not left behind
+        if created and main_process:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     try:
         state, position = _resume(run) if resume else _start(run, pretrained)
         log(_describe(run))
@@ -338,6 +344,11 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
         log(
             "note: Δm is against the paper's single-task results on the real data set; on built-in data "
             "pass --reference with your own single-task runs' summary.json for a meaningful Δm"
+        )
+    if not reference and len(tasks) > 1:
+        log(
+            f"note: no single-task reference for {config.spec.name}, so no Δm: pass --reference "
+            "with the summary.json files of single-task runs (--tasks <one task>)"
         )
     replicated = parallel.replicated(mesh)
     return Run(

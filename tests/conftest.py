@@ -77,7 +77,7 @@ def tiny_config(dataset="nyuv2", **changes):
     from experiments.datasets import DATASETS
 
     spec = DATASETS[dataset]
-    scenes = dataset in ("nyuv2", "cityscapes")
+    scenes = dataset in ("nyuv2", "cityscapes", "pascal")
     config = RunConfig(
         dataset=dataset,
         model=ModelConfig(

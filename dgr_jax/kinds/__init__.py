@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dgr_jax.kinds import classification, normal, regression, segmentation
+from dgr_jax.kinds import classification, edge, normal, regression, saliency, segmentation
 from dgr_jax.kinds.base import TaskKind
 
 KINDS: dict[str, TaskKind] = {
-    module.KIND.name: module.KIND for module in (segmentation, regression, normal, classification)
+    module.KIND.name: module.KIND
+    for module in (segmentation, regression, normal, classification, saliency, edge)
 }
 
 

@@ -103,3 +103,25 @@ def check_shapes(task, prediction, target, expected_prediction: tuple[int, ...])
             f"metrics: task {task.name!r} ({task.kind}): prediction shape {prediction.shape} "
             f"does not fit target shape {target.shape} (expected {expected_prediction})"
         )
+
+
+def balanced_binary_cross_entropy(logits, labels, invalid, pos_weight: float | None = None):
+    """Class-balanced binary cross-entropy (HED's, as ASTMT / MTI-Net train saliency and
+    edges with): ``[w sum_pos bce + (1 - w) sum_neg bce] / n`` over the ``n`` pixels whose
+    label is not ``invalid``, ``w`` the fraction of negative pixels (``pos_weight=None``)
+    or a constant (edges: 0.95). ``logits`` ``(..., 1)``, ``labels`` ``(...)`` in {0, 1}.
+    The originals divide by every pixel, ignored ones included; here ignored pixels (the
+    padding of a crop) are left out of both sums and of ``n``."""
+    logits = logits[..., 0]
+    valid = labels != invalid
+    positive = (labels == 1) & valid
+    negative = valid & ~positive
+    dtype = logits.dtype
+    n = jnp.maximum(jnp.sum(valid, dtype=dtype), 1.0)
+    if pos_weight is None:
+        weight = jnp.sum(negative, dtype=dtype) / n
+    else:
+        weight = jnp.asarray(pos_weight, dtype)
+    loss_pos = jnp.sum(jnp.where(positive, jax.nn.softplus(-logits), 0))
+    loss_neg = jnp.sum(jnp.where(negative, jax.nn.softplus(logits), 0))
+    return (weight * loss_pos + (1.0 - weight) * loss_neg) / n
