@@ -21,6 +21,7 @@ Every pipeline in this package follows the same contract:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -175,3 +176,55 @@ def plan_epoch(
 def default_augment(split: str, augment: bool | None) -> bool:
     """``augment=None`` means: augment the training split only."""
     return split == "train" if augment is None else bool(augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochOptions:
+    """The keywords of every pipeline's ``dataset(split, batch_size, **keywords)``: which
+    examples one epoch reads and how (``augment`` / ``shuffle`` None: True for "train"
+    only; process shard None: this process's)."""
+
+    augment: bool | None = None
+    seed: int = 0
+    epoch: int = 0
+    start_step: int = 0
+    drop_remainder: bool = False
+    shuffle: bool | None = None
+    process_index: int | None = None
+    process_count: int | None = None
+
+    def resolve(self, split: str) -> "EpochOptions":
+        return dataclasses.replace(
+            self,
+            augment=default_augment(split, self.augment),
+            shuffle=split == "train" if self.shuffle is None else self.shuffle,
+        )
+
+
+class EpochDataset:
+    """One epoch of a random-access split in ``plan_epoch``'s order, read in batches:
+    ``len()`` is the number of batches; subclasses make ``as_tf_dataset`` from
+    ``self.order`` (and ``batched`` ends it as every pipeline does)."""
+
+    def __init__(
+        self, num_examples: int, split: str, batch_size: int, options: EpochOptions, where: str
+    ):
+        self.split, self.batch_size, self.options = split, batch_size, options
+        self.order = plan_epoch(
+            num_examples,
+            batch_size,
+            seed=options.seed,
+            epoch=options.epoch,
+            start_step=options.start_step,
+            shuffle=options.shuffle,
+            drop_remainder=options.drop_remainder,
+            process_index=options.process_index,
+            process_count=options.process_count,
+            where=where,
+        )
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.order), self.batch_size, self.options.drop_remainder)
+
+    def batched(self, ds):
+        return ds.batch(self.batch_size, drop_remainder=self.options.drop_remainder).prefetch(-1)

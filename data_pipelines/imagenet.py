@@ -308,7 +308,7 @@ def preprocess_eval(jpeg: tf.Tensor, image_size: int, resize: int | None = None)
 # The pipeline.
 
 
-class ImageNetDataset:
+class ImageNetDataset(common.EpochDataset):
     """One epoch of dict batches (numpy). ``len()`` is the number of batches.
 
     Batches: ``image`` float32 (B, S, S, 3), ImageNet-normalised; ``label`` int32 (B,) in
@@ -316,41 +316,10 @@ class ImageNetDataset:
     prepared split (``ImageNetSource.file_name`` names its JPEG).
     """
 
-    def __init__(
-        self,
-        source,
-        split: str,
-        batch_size: int,
-        *,
-        augment: bool,
-        seed: int,
-        epoch: int,
-        start_step: int,
-        drop_remainder: bool,
-        shuffle: bool,
-        process_index: int | None,
-        process_count: int | None,
-    ):
-        self.split, self.batch_size, self.image_size = split, batch_size, source.image_size
+    def __init__(self, source, split: str, batch_size: int, options: common.EpochOptions):
         self._records = source.records(split)
-        self._eval_resize = source.eval_resize
-        self.order = common.plan_epoch(
-            len(self._records),
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            shuffle=shuffle,
-            drop_remainder=drop_remainder,
-            process_index=process_index,
-            process_count=process_count,
-            where="ImageNet make_dataset",
-        )
-        self._augment, self._seed, self._epoch = augment, seed, epoch
-        self._drop_remainder = drop_remainder
-
-    def __len__(self) -> int:
-        return common.batches_per_epoch(len(self.order), self.batch_size, self._drop_remainder)
+        super().__init__(len(self._records), split, batch_size, options, "ImageNet make_dataset")
+        self.image_size, self._eval_resize = source.image_size, source.eval_resize
 
     def _read(self, position):
         example = self._records[int(position)]
@@ -365,8 +334,8 @@ class ImageNetDataset:
             )
             jpeg.set_shape(())
             label.set_shape(())
-            if self._augment:
-                seed = example_seed(self._seed, self._epoch, position)
+            if self.options.augment:
+                seed = example_seed(self.options.seed, self.options.epoch, position)
                 image = preprocess_train(jpeg, seed, size)
             else:
                 image = preprocess_eval(jpeg, size, self._eval_resize)
@@ -374,8 +343,7 @@ class ImageNetDataset:
 
         ds = tf.data.Dataset.from_tensor_slices(self.order.astype(np.int64))
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=self._drop_remainder)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return self.batched(ds)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         iterator = self.as_tf_dataset().as_numpy_iterator()
@@ -438,33 +406,11 @@ class ImageNetSource:
         name = name.item() if isinstance(name, np.ndarray) else name
         return name.decode() if isinstance(name, bytes) else str(name)
 
-    def dataset(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        augment: bool | None = None,
-        seed: int = 0,
-        epoch: int = 0,
-        start_step: int = 0,
-        drop_remainder: bool = False,
-        shuffle: bool | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ) -> ImageNetDataset:
+    def dataset(self, split: str, batch_size: int, **options) -> ImageNetDataset:
+        """One epoch of ``split``; ``options`` are ``common.EpochOptions``' keywords."""
         split = canonical_split(split)
         return ImageNetDataset(
-            self,
-            split,
-            batch_size,
-            augment=common.default_augment(split, augment),
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            drop_remainder=drop_remainder,
-            shuffle=split == "train" if shuffle is None else shuffle,
-            process_index=process_index,
-            process_count=process_count,
+            self, split, batch_size, common.EpochOptions(**options).resolve(split)
         )
 
 

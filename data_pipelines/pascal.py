@@ -406,7 +406,7 @@ def _finish_targets(targets, flip):
     return out
 
 
-class PascalDataset:
+class PascalDataset(common.EpochDataset):
     """One epoch of dict batches (numpy); ``len()`` is the number of batches.
 
     ``image`` float32 (B, crop, crop, 3) normalised; ``seg``, ``human_parts``,
@@ -416,40 +416,11 @@ class PascalDataset:
     """
 
     def __init__(
-        self,
-        builder,
-        split,
-        batch_size,
-        *,
-        crop,
-        augment,
-        seed,
-        epoch,
-        start_step,
-        drop_remainder,
-        shuffle,
-        process_index,
-        process_count,
+        self, builder, split: str, batch_size: int, crop: int, options: common.EpochOptions
     ):
-        self.split, self.batch_size, self.crop = split, batch_size, crop
         self._source = builder.as_data_source(split=split)
-        self._order = common.plan_epoch(
-            len(self._source),
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            shuffle=shuffle,
-            drop_remainder=drop_remainder,
-            process_index=process_index,
-            process_count=process_count,
-            where="pascal make_dataset",
-        )
-        self._augment, self._seed, self._epoch = augment, seed, epoch
-        self._drop_remainder = drop_remainder
-
-    def __len__(self) -> int:
-        return common.batches_per_epoch(len(self._order), self.batch_size, self._drop_remainder)
+        super().__init__(len(self._source), split, batch_size, options, "pascal make_dataset")
+        self.crop = crop
 
     def _read(self, position):
         example = self._source[int(position)]
@@ -477,9 +448,12 @@ class PascalDataset:
         def finish(example):
             image = (tf.cast(example["image"], tf.float32) / 255.0 - MEAN) / STD
             targets = _targets_to_float(example)
-            if self._augment:
+            if self.options.augment:
                 seed = tf.stack(
-                    [tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]]
+                    [
+                        tf.constant(self.options.seed, tf.int64) * 1_000_003 + self.options.epoch,
+                        example["index"],
+                    ]
                 )
                 image, targets, flip = augment_example(image, targets, seed, crop)
             else:
@@ -496,11 +470,10 @@ class PascalDataset:
             targets.set_shape((crop, crop, 8))
             return {"image": image, **_finish_targets(targets, flip), "index": example["index"]}
 
-        ds = tf.data.Dataset.from_tensor_slices(self._order)
+        ds = tf.data.Dataset.from_tensor_slices(self.order)
         ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=self._drop_remainder)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return self.batched(ds)
 
     def __iter__(self):
         return iter(self.as_tf_dataset().as_numpy_iterator())
@@ -529,33 +502,9 @@ class PascalSource:
                     "evaluation canvas (Pascal-Context's images are at most 500x500)"
                 )
 
-    def dataset(
-        self,
-        split,
-        batch_size,
-        *,
-        augment=None,
-        seed=0,
-        epoch=0,
-        start_step=0,
-        drop_remainder=False,
-        shuffle=None,
-        process_index=None,
-        process_count=None,
-    ):
+    def dataset(self, split: str, batch_size: int, **options) -> PascalDataset:
+        """One epoch of ``split``; ``options`` are ``common.EpochOptions``' keywords."""
         if split not in SPLITS:
             raise ValueError(f"pascal make_dataset: unknown split {split!r}; choose from {SPLITS}")
-        return PascalDataset(
-            self.builder,
-            split,
-            batch_size,
-            crop=self.crop,
-            augment=common.default_augment(split, augment),
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            drop_remainder=drop_remainder,
-            shuffle=split == "train" if shuffle is None else shuffle,
-            process_index=process_index,
-            process_count=process_count,
-        )
+        epoch = common.EpochOptions(**options).resolve(split)
+        return PascalDataset(self.builder, split, batch_size, self.crop, epoch)

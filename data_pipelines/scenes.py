@@ -450,7 +450,7 @@ def augment_example(
 # The pipeline.
 
 
-class SceneDataset:
+class SceneDataset(common.EpochDataset):
     """One epoch of dict batches (numpy). ``len()`` is the number of batches.
 
     Batches: ``image`` float32 (B, H, W, 3) in [-1, 1]; segmentation keys int32 (B, H, W)
@@ -465,38 +465,14 @@ class SceneDataset:
         builder: SceneFolder,
         split: str,
         batch_size: int,
-        *,
-        augment: bool,
-        seed: int,
-        epoch: int,
-        start_step: int,
-        drop_remainder: bool,
-        shuffle: bool,
-        process_index: int | None,
-        process_count: int | None,
+        options: common.EpochOptions,
         augmentation: Augmentation | None = None,
     ):
-        self.fmt, self.split, self.batch_size = fmt, split, batch_size
+        self._source = builder.as_data_source(split=split)
+        super().__init__(len(self._source), split, batch_size, options, f"{fmt.name} make_dataset")
+        self.fmt = fmt
         self.augmentation = augmentation or fmt.augmentation
         self.height, self.width = builder.builder_config.height, builder.builder_config.width
-        self._source = builder.as_data_source(split=split)
-        self._order = common.plan_epoch(
-            len(self._source),
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            shuffle=shuffle,
-            drop_remainder=drop_remainder,
-            process_index=process_index,
-            process_count=process_count,
-            where=f"{fmt.name} make_dataset",
-        )
-        self._augment, self._seed, self._epoch = augment, seed, epoch
-        self._drop_remainder = drop_remainder
-
-    def __len__(self) -> int:
-        return common.batches_per_epoch(len(self._order), self.batch_size, self._drop_remainder)
 
     def _read(self, index):
         example = self._source[int(index)]
@@ -517,9 +493,12 @@ class SceneDataset:
             return example
 
         def finish(example):
-            if self._augment:
+            if self.options.augment:
                 seed = tf.stack(
-                    [tf.constant(self._seed, tf.int64) * 1_000_003 + self._epoch, example["index"]]
+                    [
+                        tf.constant(self.options.seed, tf.int64) * 1_000_003 + self.options.epoch,
+                        example["index"],
+                    ]
                 )
                 example = augment_example(example, self.fmt, seed, self.augmentation)
                 example.pop("scale"), example.pop("flip")
@@ -529,11 +508,10 @@ class SceneDataset:
                 out[field.key] = tf.cast(value, tf.int32) if field.kind == "label" else value
             return out
 
-        ds = tf.data.Dataset.from_tensor_slices(self._order)
+        ds = tf.data.Dataset.from_tensor_slices(self.order)
         ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=self._drop_remainder)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return self.batched(ds)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.as_tf_dataset().as_numpy_iterator())
@@ -562,39 +540,14 @@ class SceneSource:
             self.builder.builder_config.width,
         )
 
-    def dataset(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        augment: bool | None = None,
-        seed: int = 0,
-        epoch: int = 0,
-        start_step: int = 0,
-        drop_remainder: bool = False,
-        shuffle: bool | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ) -> SceneDataset:
+    def dataset(self, split: str, batch_size: int, **options) -> SceneDataset:
+        """One epoch of ``split``; ``options`` are ``common.EpochOptions``' keywords."""
         if split not in self.fmt.splits:
             raise ValueError(
                 f"{self.fmt.name} make_dataset: unknown split {split!r}; choose from {self.fmt.splits}"
             )
-        return SceneDataset(
-            self.fmt,
-            self.builder,
-            split,
-            batch_size,
-            augment=common.default_augment(split, augment),
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            drop_remainder=drop_remainder,
-            shuffle=split == "train" if shuffle is None else shuffle,
-            process_index=process_index,
-            process_count=process_count,
-            augmentation=self.augmentation,
-        )
+        epoch = common.EpochOptions(**options).resolve(split)
+        return SceneDataset(self.fmt, self.builder, split, batch_size, epoch, self.augmentation)
 
 
 def make_dataset(
@@ -603,19 +556,13 @@ def make_dataset(
     split: str,
     batch_size: int,
     *,
-    augment: bool | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    start_step: int = 0,
-    drop_remainder: bool = False,
-    shuffle: bool | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
     cache_dir: str | Path | None = None,
     verbose: bool = True,
     augmentation: Augmentation | None = None,
+    **options,
 ) -> SceneDataset:
-    """One epoch of ``split`` from a ``.npy`` folder in ``fmt``'s layout (module docstring).
+    """One epoch of ``split`` from a ``.npy`` folder in ``fmt``'s layout (module docstring);
+    ``options`` are ``common.EpochOptions``' keywords.
 
     ``augment`` and ``shuffle`` default to True for "train" and False otherwise;
     ``augmentation`` to the format's (the original code's). A short last batch is kept,
@@ -630,15 +577,4 @@ def make_dataset(
     source = SceneSource(
         fmt, data_dir, cache_dir=cache_dir, verbose=verbose, augmentation=augmentation
     )
-    return source.dataset(
-        split,
-        batch_size,
-        augment=augment,
-        seed=seed,
-        epoch=epoch,
-        start_step=start_step,
-        drop_remainder=drop_remainder,
-        shuffle=shuffle,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    return source.dataset(split, batch_size, **options)
