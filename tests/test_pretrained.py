@@ -44,7 +44,7 @@ def nhwc(t):
     ],
 )
 def test_torchvision_resnet_loads_and_matches_torch_in_eval_and_train_mode(
-    depth, base_width, stage_sizes, dilated
+    depth, base_width, stage_sizes, dilated, report
 ):
     torch_model = randomise(ResNet(depth, base_width, stage_sizes, dilated))
     config = ModelConfig(
@@ -90,6 +90,13 @@ def test_torchvision_resnet_loads_and_matches_torch_in_eval_and_train_mode(
         # dilated ResNet-50), so there: no further from exact than PyTorch's float32 is.
         torch32, _ = torch_forward(torch_model, x, train, torch.float32)
         out32, _ = ours(train, jnp.float32)
+        if base_width == 64:
+            report(
+                f"resnet50 (dilated) vs torch, {'train' if train else 'eval'} mode: float64 "
+                f"{rel_err(out64, exact):.1e}; float32 {rel_err(out32, torch32):.1e} from torch's "
+                f"float32, {rel_err(out32, exact):.1e} from float64 (torch's float32: "
+                f"{rel_err(torch32, exact):.1e})"
+            )
         if train:
             assert rel_err(out32, exact) < max(1.5 * rel_err(torch32, exact), 1e-5)
         else:
@@ -296,6 +303,10 @@ def test_swin_t_matches_torchvision_and_counts_its_parameters(report):
         ours = trunk.apply({"params": variables["params"]}, x, train=train)
         assert ours.shape == fixture["output"].shape
         assert rel_err(ours, fixture["output"]) < 1e-5
+        report(
+            f"swin_t (tiny) vs torchvision, {'train' if train else 'eval'} mode, float32: "
+            f"{rel_err(ours, fixture['output']):.1e}"
+        )
     full = ModelConfig(network="split", backbone="swin_t")
     shapes = jax.eval_shape(
         lambda: build_model(full, NYUV2).init(

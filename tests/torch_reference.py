@@ -7,6 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# One intra-op thread: the suite runs one xdist worker per core, and torch's default (a
+# thread per core in every worker) oversubscribes them.
+torch.set_num_threads(1)
+
 
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock; dilated as DeepLab's ``ResnetDilated`` (torchvision's
