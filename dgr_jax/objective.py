@@ -173,6 +173,8 @@ def paper_dgr_encoder_grads(
     batch_stats: PyTree,
     dummy_sets: PyTree,
     batch: Mapping[str, jax.Array],
+    *,
+    with_penalty: bool = False,
 ) -> PyTree:
     """The original code's DGR gradient for the encoder parameters.
 
@@ -188,6 +190,10 @@ def paper_dgr_encoder_grads(
     ``encoder_parameter()`` selects names containing "shared"), not to the attention
     masks and attention blocks; so does this function. The exact methods differentiate
     the penalty with respect to every encoder parameter.
+
+    ``with_penalty``: return ``(grads, penalty)``, the penalty being the mean over the
+    sets of ``||g||`` (``||g||^2`` with ``dgr.squared``) that the algorithm computes on the
+    way: the value the other estimators report, for the run's curves.
     """
     images = batch["image"]
     losses = task_losses(tasks)
@@ -216,13 +222,16 @@ def paper_dgr_encoder_grads(
         shifted = jax.tree_util.tree_map(lambda p, g: p + (eps / norm) * g, dummy_params, g_phi)
         value_plus, g_theta_plus = jax.value_and_grad(dummy_loss)(params["encoder"], shifted)
         scale = 2.0 * (value_plus - value) / eps**2 if dgr.squared else 1.0 / eps
-        return jax.tree_util.tree_map(lambda gp, g: scale * (gp - g), g_theta_plus, g_theta)
+        grads = jax.tree_util.tree_map(lambda gp, g: scale * (gp - g), g_theta_plus, g_theta)
+        return grads, jnp.square(norm) if dgr.squared else norm
 
     # A Python loop, as the original. (Under lax.scan XLA:CPU ran this step ~10x slower.)
-    per_set = [
-        one_set(jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets))
-        for k in range(dgr.num_dummy)
-    ]
+    per_set, norms = zip(
+        *(
+            one_set(jax.tree_util.tree_map(lambda a, k=k: a[k], dummy_sets))
+            for k in range(dgr.num_dummy)
+        )
+    )
     summed = jax.tree_util.tree_map(lambda *gs: sum(gs), *per_set)
     grads = jax.tree_util.tree_map(lambda g: g * (dgr.weight / dgr.num_dummy), summed)
     if isinstance(net.encoder, MTANEncoder):
@@ -230,6 +239,8 @@ def paper_dgr_encoder_grads(
             name: (tree if name == "backbone" else jax.tree_util.tree_map(jnp.zeros_like, tree))
             for name, tree in grads.items()
         }
+    if with_penalty:
+        return grads, jax.lax.stop_gradient(sum(norms) / dgr.num_dummy)
     return grads
 
 

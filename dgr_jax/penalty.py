@@ -165,7 +165,9 @@ def dgr_penalty(
         estimator, an ablation). All three return the same value.
       squared: penalise ``||g||**2`` (the objective of the original code) instead of
         ``||g||``; value and gradient are both those of the square.
-      fd_eps: step along ``g/||g||`` for ``estimator="finite_difference"``.
+      fd_eps: step along ``g/||g||`` for ``estimator="finite_difference"``: a positive
+        number, or a traced scalar (an argument of a jitted function, so that one
+        compiled program serves every step; a traced step is not checked).
       stacked: ``dummy_params`` holds K dummy sets on a leading axis; the result is
         the mean of the K penalties, computed with ``jax.vmap``.
       unroll_sets: with ``stacked``, compute the K penalties one after another in the
@@ -188,8 +190,13 @@ def dgr_penalty(
         raise ValueError(
             f"dgr_penalty: unknown estimator {estimator!r}; choose one of {PENALTY_ESTIMATORS}"
         )
-    if estimator == "finite_difference" and not fd_eps > 0:
-        raise ValueError(f"dgr_penalty: fd_eps must be positive, got {fd_eps!r}")
+    if estimator == "finite_difference":
+        try:
+            concrete = float(fd_eps)
+        except TypeError:  # traced (ConcretizationTypeError is a TypeError): not checked
+            concrete = None
+        if concrete is not None and not concrete > 0:
+            raise ValueError(f"dgr_penalty: fd_eps must be positive, got {fd_eps!r}")
 
     def single(params, *call_args):
         return _single_penalty(loss_fn, params, call_args, estimator, squared, fd_eps)

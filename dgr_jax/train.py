@@ -265,8 +265,15 @@ def make_train_step(
                 batch_stats["heads"] = shared.head_stats
             total = method_total + dgr_term
         if paper:
-            extra = paper_dgr_encoder_grads(
-                net, tasks, dgr, model_params, state.batch_stats, state.dummy_sets, batch
+            extra, penalty = paper_dgr_encoder_grads(
+                net,
+                tasks,
+                dgr,
+                model_params,
+                state.batch_stats,
+                state.dummy_sets,
+                batch,
+                with_penalty=True,
             )
             grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
             batch_stats = repeat_running_stats_update(state.batch_stats, batch_stats, dgr.num_dummy)

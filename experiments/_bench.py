@@ -154,32 +154,34 @@ def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0)
     return batch
 
 
-def split_train_step(args, dgr, method=None):
+def split_train_step(args, dgr, method=None, model=None, tasks=None):
     """The benchmarked set-up: the Split network of ``args`` (backbone, widths) on NYUv2's
     tasks, SGD with momentum, a random batch (with a second one under ``heldout/`` keys
     for a look-ahead method), the train state and the un-jitted step. Returns
-    ``(net, state, batch, step)``."""
+    ``(net, state, batch, step)``. ``model``: a whole ``ModelConfig`` (a run's network,
+    stage sizes included) instead of the one ``args`` describes; ``tasks``: a run's tasks
+    instead of NYUv2's three."""
     import optax
 
     from dgr_jax.models import ModelConfig, build_model
     from dgr_jax.tasks import NYUV2
     from dgr_jax.train import HELDOUT, init_train_state, make_train_step
 
-    net = build_model(
-        ModelConfig(
+    if model is None:
+        model = ModelConfig(
             network="split",
             backbone=args.backbone,
             base_width=args.base_width,
             head_width=args.head_width,
-        ),
-        NYUV2,
-    )
+        )
+    tasks = NYUV2 if tasks is None else tuple(tasks)
+    net = build_model(model, tasks)
     optimizer = optax.sgd(0.1, momentum=0.9)
-    batch = random_batch(NYUV2, args.batch_size, args.height, args.width)
+    batch = random_batch(tasks, args.batch_size, args.height, args.width)
     if method is not None and method.lookahead is not None:
-        heldout = random_batch(NYUV2, args.batch_size, args.height, args.width, seed=1)
+        heldout = random_batch(tasks, args.batch_size, args.height, args.width, seed=1)
         batch = {**batch, **{HELDOUT + k: v for k, v in heldout.items()}}
-    state = init_train_state(
-        net, optimizer, jax.random.PRNGKey(0), batch["image"], args.num_dummy, method
-    )
-    return net, state, batch, make_train_step(net, NYUV2, dgr, optimizer, method)
+    state = jax.jit(  # jitted: op by op, the first initialisation takes far longer
+        lambda key, images: init_train_state(net, optimizer, key, images, args.num_dummy, method)
+    )(jax.random.PRNGKey(0), batch["image"])
+    return net, state, batch, make_train_step(net, tasks, dgr, optimizer, method)

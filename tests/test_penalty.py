@@ -211,6 +211,24 @@ def test_jit_compiles_once(smooth_problem):
     assert rel_err(first, second) > 0
 
 
+def test_traced_fd_eps_compiles_once_for_every_step(smooth_problem):
+    theta, phi, x, labels = smooth_problem
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def grad_fn(theta, eps):
+        return jax.grad(penalty_of_theta)(
+            theta, phi, x, labels, estimator="finite_difference", fd_eps=eps
+        )
+
+    chex.clear_trace_counter()
+    for eps in (1e-2, 1e-4):
+        static = jax.grad(penalty_of_theta)(
+            theta, phi, x, labels, estimator="finite_difference", fd_eps=eps
+        )
+        assert rel_err(grad_fn(theta, jnp.float64(eps)), static) < 1e-9
+
+
 @pytest.mark.parametrize("method", PENALTY_ESTIMATORS)
 def test_vmap_over_examples_matches_loop(smooth_problem, method):
     theta, phi, x, labels = smooth_problem
