@@ -9,6 +9,10 @@ original finite-difference algorithm supplies the encoder's DGR gradient instead
 after the task gradients, as the original code does), and the BatchNorm running
 statistics are updated K + 1 times, as the original's extra train-mode forwards update
 them.
+
+The gradient computation is one function of the model parameters; a comparison
+regulariser (``dgr_jax.regularizers``) may call it more than once (SAM: at the ascent
+point) or change the heads (PTA's decoders, ``dgr_jax.pta``), never per MTL method.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgr_jax import methods
+from dgr_jax import methods, pta
 from dgr_jax.methods import LookAhead, MTLMethod
 from dgr_jax.methods.base import clip_by_norm
 from dgr_jax.models import MultiTaskNet
@@ -33,6 +37,7 @@ from dgr_jax.objective import (
     task_losses_and_penalty_on_features,
 )
 from dgr_jax.penalty import init_dummy_sets
+from dgr_jax.regularizers import Regularizer
 from dgr_jax.tasks import Task
 
 PyTree = Any
@@ -64,8 +69,14 @@ def init_train_state(
     key_model, key_dummy, key_rng = jax.random.split(key, 3)
     variables = net.init(key_model, sample_images, train=False)
     features, outputs = net.apply(variables, sample_images, train=False)
+    # PTA's decoders: the dummy sets copy one head per task (``pta.base_heads``).
     dummy_sets = init_dummy_sets(
-        net.heads, key_dummy, num_dummy, features, sample_images.shape[1:3], train=False
+        pta.base_heads(net.heads),
+        key_dummy,
+        num_dummy,
+        features,
+        sample_images.shape[1:3],
+        train=False,
     )
     shared = {"shared": variables["params"]["encoder"]} if method.shared_state else {}
     method_params, method_state = method.init(num_tasks or len(outputs), **shared)
@@ -88,6 +99,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     method: MTLMethod | None = None,
     lookahead_optimizer: optax.GradientTransformation | None = None,
+    regularizer: Regularizer | None = None,
 ):
     """A pure ``step(state, batch) -> (state, metrics)``; jit it with the state donated.
 
@@ -104,10 +116,24 @@ def make_train_step(
     methods (``method.level == "representation"``) combine the per-task gradients of the
     features instead, and the combination plus DGR's goes back through the encoder in one
     VJP.
+
+    All of that is one function of the model parameters, ``gradient_at``: the step calls
+    it once, or ``regularizer.gradient`` calls it (SAM: twice, at ``w`` and at the ascent
+    point; ``dgr_jax.regularizers``). A network with PTA's decoders (``dgr_jax.pta``)
+    trains on each task's mean decoder loss and updates its decoders' running losses.
     """
     method = method or methods.equal()
+    regularizer = regularizer or Regularizer()
     paper = dgr.estimator == "paper" and dgr.on
     penalty_on = dgr.on and not paper  # the objective's penalty term is not identically 0
+    decoders = pta.num_decoders(net)
+    if decoders and dgr.on:
+        raise ValueError(
+            "PTA's decoders and DGR's dummy sets do not combine: DGR's dummy sets copy one "
+            "head per task; train PTA with DGR off (weight 0)"
+        )
+    # With PTA, task t's loss is the vector of its D decoder losses (reduced below).
+    loss_tasks = pta.pseudo_tasks(tasks, decoders) if decoders else tuple(tasks)
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout_rng = jax.random.split(state.rng)
@@ -120,9 +146,9 @@ def make_train_step(
 
         def losses_at(model_params, batch, rng):
             """The task losses alone (training mode; BatchNorm's updates dropped)."""
-            return task_losses_and_penalty(
+            per_task = task_losses_and_penalty(
                 net,
-                tasks,
+                loss_tasks,
                 DGRConfig(),
                 model_params,
                 state.batch_stats,
@@ -130,163 +156,201 @@ def make_train_step(
                 batch,
                 rng,
             )[0]
+            return _task_means(per_task)[0]
 
-        def virtual_step(model_grads):
-            """The parameters the optimizer would give for ``model_grads`` (differentiable)."""
-            grads = {
-                **model_grads,
-                "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"]),
-            }
-            if lookahead_optimizer is None:
-                updates, _ = optimizer.update(grads, state.opt_state, params)
-            else:
-                updates, _ = lookahead_optimizer.update(
-                    grads, lookahead_optimizer.init(params), params
+        def gradient_at(model_params):
+            """The step's gradient (encoder, heads, method) at ``model_params`` and what the
+            step keeps from this pass (``_Pass``)."""
+            at = {**params, **model_params}
+
+            def virtual_step(model_grads):
+                """The parameters the optimizer would give for ``model_grads`` (differentiable)."""
+                grads = {
+                    **model_grads,
+                    "method": jax.tree_util.tree_map(jnp.zeros_like, params["method"]),
+                }
+                if lookahead_optimizer is None:
+                    updates, _ = optimizer.update(grads, state.opt_state, at)
+                else:
+                    updates, _ = lookahead_optimizer.update(grads, lookahead_optimizer.init(at), at)
+                after = optax.apply_updates(at, updates)
+                return {"encoder": after["encoder"], "heads": after["heads"]}
+
+            def objective(model_params):
+                per_task, penalty, batch_stats = task_losses_and_penalty(
+                    net,
+                    loss_tasks,
+                    dgr,
+                    model_params,
+                    state.batch_stats,
+                    state.dummy_sets,
+                    batch,
+                    dropout_rng,
                 )
-            after = optax.apply_updates(params, updates)
-            return {"encoder": after["encoder"], "heads": after["heads"]}
+                per_task, decoder_losses = _task_means(per_task)
+                return (per_task, dgr.weight * penalty), (penalty, batch_stats, decoder_losses)
 
-        def objective(model_params):
-            per_task, penalty, batch_stats = task_losses_and_penalty(
-                net,
-                tasks,
-                dgr,
-                model_params,
-                state.batch_stats,
-                state.dummy_sets,
-                batch,
-                dropout_rng,
-            )
-            return (per_task, dgr.weight * penalty), (penalty, batch_stats)
+            extra = None
+            if not method.needs_task_grads:
+
+                def total_loss(params):
+                    (per_task, dgr_term), (penalty, batch_stats, decoder_losses) = objective(
+                        {"encoder": params["encoder"], "heads": params["heads"]}
+                    )
+                    total, weights = method.loss(params["method"], per_task, state.method_state)
+                    return (total, dgr_term), (
+                        per_task,
+                        weights,
+                        penalty,
+                        batch_stats,
+                        decoder_losses,
+                    )
+
+                (
+                    (total, dgr_term),
+                    vjp,
+                    (per_task, weights, penalty, batch_stats, decoder_losses),
+                ) = jax.vjp(total_loss, at, has_aux=True)
+                one, zero = jnp.ones_like(total), jnp.zeros_like(total)
+                if method.max_shared_norm:  # clip the task part, then add DGR's (2 VJPs with DGR)
+                    (grads,) = vjp((one, zero))
+                    grads = {
+                        **grads,
+                        "encoder": clip_by_norm(grads["encoder"], method.max_shared_norm),
+                    }
+                    if dgr.on:
+                        grads = jax.tree_util.tree_map(jnp.add, grads, vjp((zero, one))[0])
+                else:
+                    (grads,) = vjp((one, one))
+                total = total + dgr_term
+                method_state = state.method_state
+            else:
+                if method.level == "representation" and (
+                    method.max_shared_norm or method.lookahead is not None
+                ):
+                    raise ValueError(
+                        "representation-level methods support neither max_shared_norm nor lookahead"
+                    )
+                # One encoder forward; the heads once, on a copy of the features per task.
+                features, encoder_vjp, encoder_stats = jax.vjp(
+                    lambda p: encode(net, p, state.batch_stats, batch["image"], dropout_rng),
+                    model_params["encoder"],
+                    has_aux=True,
+                )
+                shared = _task_feature_grads(
+                    net, loss_tasks, dgr, state, model_params["heads"], features, batch, dropout_rng
+                )
+                per_task, dgr_term, penalty = shared.per_task, shared.dgr_term, shared.penalty
+                decoder_losses = shared.decoder_losses
+                method_state = state.method_state
+                if method.level == "representation":
+                    if isinstance(features, Mapping):
+                        raise ValueError(
+                            f"{method.level}-level methods need one shared representation; this "
+                            f"network's features are per task ({', '.join(features)}): use a "
+                            "Split network"
+                        )
+                    (method_total, weights), method_grads = jax.value_and_grad(
+                        method.loss, has_aux=True
+                    )(params["method"], per_task, method_state)
+                    combined, method_state = method.combine(
+                        shared.task_cotangents, per_task, weights, method_state
+                    )
+                    (encoder,) = encoder_vjp(jnp.add(combined, shared.dgr_cotangent))
+                else:
+                    # T encoder VJPs (one per task's feature gradient), + 1 for DGR's.
+                    task_encoder = methods.stacked_vjps(
+                        encoder_vjp, _per_task_cotangents(shared.task_cotangents, features, tasks)
+                    )
+                    dgr_encoder = (
+                        encoder_vjp(shared.dgr_cotangent)[0]
+                        if penalty_on
+                        else jax.tree_util.tree_map(jnp.zeros_like, model_params["encoder"])
+                    )
+                    if method.lookahead is not None:
+                        method_state = method.lookahead(
+                            method_state,
+                            LookAhead(
+                                params=model_params,
+                                task_grads={
+                                    "encoder": task_encoder,
+                                    "heads": _per_task_head_grads(shared.heads, tasks),
+                                },
+                                virtual_step=virtual_step,
+                                task_losses=lambda p: losses_at(p, batch, dropout_rng),
+                                heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
+                                weighted_grads=lambda w: _weighted_model_grads(
+                                    w, task_encoder, shared.heads, tasks
+                                ),
+                            ),
+                        )
+                    (method_total, weights), method_grads = jax.value_and_grad(
+                        method.loss, has_aux=True
+                    )(params["method"], per_task, method_state)
+                    encoder, method_state = method.combine(
+                        task_encoder, per_task, weights, method_state
+                    )
+                    encoder = clip_by_norm(encoder, method.max_shared_norm)
+                    encoder = jax.tree_util.tree_map(jnp.add, encoder, dgr_encoder)
+                head_weights = method.head_weights(method_state, weights)
+                grads = {
+                    "encoder": encoder,
+                    "heads": {
+                        t.name: jax.tree_util.tree_map(
+                            lambda g, w=head_weights[i]: w.astype(g.dtype) * g,
+                            shared.heads[t.name],
+                        )
+                        for i, t in enumerate(tasks)
+                    },
+                    "method": method_grads,
+                }
+                batch_stats = {**state.batch_stats, "encoder": encoder_stats}
+                if shared.head_stats:
+                    batch_stats["heads"] = shared.head_stats
+                total = method_total + dgr_term
+            if paper:
+                extra, penalty = paper_dgr_encoder_grads(
+                    net,
+                    tasks,
+                    dgr,
+                    model_params,
+                    state.batch_stats,
+                    state.dummy_sets,
+                    batch,
+                    with_penalty=True,
+                )
+                grads = {
+                    **grads,
+                    "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra),
+                }
+                batch_stats = repeat_running_stats_update(
+                    state.batch_stats, batch_stats, dgr.num_dummy
+                )
+            if decoders:
+                batch_stats = pta.record_decoder_losses(net, batch_stats, decoder_losses, tasks)
+            kept = _Pass(total, per_task, weights, penalty, batch_stats, method_state, extra)
+            return grads, kept
 
         model_params = {"encoder": params["encoder"], "heads": params["heads"]}
-        if not method.needs_task_grads:
-
-            def total_loss(params):
-                (per_task, dgr_term), (penalty, batch_stats) = objective(
-                    {"encoder": params["encoder"], "heads": params["heads"]}
-                )
-                total, weights = method.loss(params["method"], per_task, state.method_state)
-                return (total, dgr_term), (per_task, weights, penalty, batch_stats)
-
-            (total, dgr_term), vjp, (per_task, weights, penalty, batch_stats) = jax.vjp(
-                total_loss, params, has_aux=True
-            )
-            one, zero = jnp.ones_like(total), jnp.zeros_like(total)
-            if method.max_shared_norm:  # clip the task part, then add DGR's (2 VJPs with DGR)
-                (grads,) = vjp((one, zero))
-                grads = {**grads, "encoder": clip_by_norm(grads["encoder"], method.max_shared_norm)}
-                if dgr.on:
-                    grads = jax.tree_util.tree_map(jnp.add, grads, vjp((zero, one))[0])
-            else:
-                (grads,) = vjp((one, one))
-            total = total + dgr_term
-            method_state = state.method_state
+        if regularizer.gradient is None:
+            (grads, kept), regularizer_metrics = gradient_at(model_params), {}
         else:
-            if method.level == "representation" and (
-                method.max_shared_norm or method.lookahead is not None
-            ):
-                raise ValueError(
-                    "representation-level methods support neither max_shared_norm nor lookahead"
-                )
-            # One encoder forward; the heads once, on a copy of the features per task.
-            features, encoder_vjp, encoder_stats = jax.vjp(
-                lambda p: encode(net, p, state.batch_stats, batch["image"], dropout_rng),
-                params["encoder"],
-                has_aux=True,
-            )
-            shared = _task_feature_grads(
-                net, tasks, dgr, state, params["heads"], features, batch, dropout_rng
-            )
-            per_task, dgr_term, penalty = shared.per_task, shared.dgr_term, shared.penalty
-            method_state = state.method_state
-            if method.level == "representation":
-                if isinstance(features, Mapping):
-                    raise ValueError(
-                        f"{method.level}-level methods need one shared representation; this "
-                        f"network's features are per task ({', '.join(features)}): use a "
-                        "Split network"
-                    )
-                (method_total, weights), method_grads = jax.value_and_grad(
-                    method.loss, has_aux=True
-                )(params["method"], per_task, method_state)
-                combined, method_state = method.combine(
-                    shared.task_cotangents, per_task, weights, method_state
-                )
-                (encoder,) = encoder_vjp(jnp.add(combined, shared.dgr_cotangent))
-            else:
-                # T encoder VJPs (one per task's feature gradient), + 1 for DGR's.
-                task_encoder = methods.stacked_vjps(
-                    encoder_vjp, _per_task_cotangents(shared.task_cotangents, features, tasks)
-                )
-                dgr_encoder = (
-                    encoder_vjp(shared.dgr_cotangent)[0]
-                    if penalty_on
-                    else jax.tree_util.tree_map(jnp.zeros_like, params["encoder"])
-                )
-                if method.lookahead is not None:
-                    method_state = method.lookahead(
-                        method_state,
-                        LookAhead(
-                            params=model_params,
-                            task_grads={
-                                "encoder": task_encoder,
-                                "heads": _per_task_head_grads(shared.heads, tasks),
-                            },
-                            virtual_step=virtual_step,
-                            task_losses=lambda p: losses_at(p, batch, dropout_rng),
-                            heldout_losses=lambda p: losses_at(p, heldout, dropout_rng),
-                            weighted_grads=lambda w: _weighted_model_grads(
-                                w, task_encoder, shared.heads, tasks
-                            ),
-                        ),
-                    )
-                (method_total, weights), method_grads = jax.value_and_grad(
-                    method.loss, has_aux=True
-                )(params["method"], per_task, method_state)
-                encoder, method_state = method.combine(
-                    task_encoder, per_task, weights, method_state
-                )
-                encoder = clip_by_norm(encoder, method.max_shared_norm)
-                encoder = jax.tree_util.tree_map(jnp.add, encoder, dgr_encoder)
-            head_weights = method.head_weights(method_state, weights)
-            grads = {
-                "encoder": encoder,
-                "heads": {
-                    t.name: jax.tree_util.tree_map(
-                        lambda g, w=head_weights[i]: w.astype(g.dtype) * g, shared.heads[t.name]
-                    )
-                    for i, t in enumerate(tasks)
-                },
-                "method": method_grads,
-            }
-            batch_stats = {**state.batch_stats, "encoder": encoder_stats}
-            if shared.head_stats:
-                batch_stats["heads"] = shared.head_stats
-            total = method_total + dgr_term
-        if paper:
-            extra, penalty = paper_dgr_encoder_grads(
-                net,
-                tasks,
-                dgr,
-                model_params,
-                state.batch_stats,
-                state.dummy_sets,
-                batch,
-                with_penalty=True,
-            )
-            grads = {**grads, "encoder": jax.tree_util.tree_map(jnp.add, grads["encoder"], extra)}
-            batch_stats = repeat_running_stats_update(state.batch_stats, batch_stats, dgr.num_dummy)
+            grads, kept, regularizer_metrics = regularizer.gradient(gradient_at, model_params)
+        per_task, weights, batch_stats = kept.per_task, kept.weights, kept.batch_stats
         method_state = method.update(
-            method_state, jax.lax.stop_gradient(per_task), batch["image"].shape[0]
+            kept.method_state, jax.lax.stop_gradient(per_task), batch["image"].shape[0]
         )
         metrics = {f"loss/{t.name}": per_task[i] for i, t in enumerate(tasks)}
         metrics.update({f"weight/{t.name}": weights[i] for i, t in enumerate(tasks)})
-        metrics["loss/total"] = total
+        metrics["loss/total"] = kept.total
         metrics.update({f"method/{k}": v for k, v in method.metrics(method_state).items()})
-        metrics["dgr/penalty"] = penalty
+        metrics["dgr/penalty"] = kept.penalty
         if paper:
-            metrics["grad_norm/dgr_encoder"] = optax.tree.norm(extra)
+            metrics["grad_norm/dgr_encoder"] = optax.tree.norm(kept.paper_dgr_encoder)
+        if decoders:
+            chosen = pta.selected_decoders(net, batch_stats)
+            metrics.update({f"pta/decoder/{name}": index for name, index in chosen.items()})
+        metrics.update(regularizer_metrics)
         metrics["grad_norm/encoder"] = optax.tree.norm(grads["encoder"])
         metrics["grad_norm/heads"] = optax.tree.norm(grads["heads"])
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -311,6 +375,28 @@ def make_train_step(
     return step
 
 
+class _Pass(NamedTuple):
+    """What the step keeps from one pass of its gradient computation (SAM makes two and
+    keeps the one at the state's parameters)."""
+
+    total: jax.Array
+    per_task: jax.Array  # (T,)
+    weights: jax.Array  # (T,)
+    penalty: jax.Array
+    batch_stats: PyTree
+    method_state: PyTree  # after lookahead and combine, before ``method.update``
+    paper_dgr_encoder: PyTree | None  # the paper estimator's encoder gradient
+
+
+def _task_means(per_task: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """``(task losses (T,), decoder losses (T, D) or None)``: with PTA each task's loss
+    is the vector of its decoders' losses, and the task's loss their mean (every
+    pseudo-task weighs the same, as in PTA's joint objective)."""
+    if per_task.ndim == 1:
+        return per_task, None
+    return jnp.mean(per_task, axis=-1), per_task
+
+
 HELDOUT = "heldout/"  # the prefix of a held-out batch's keys in a step's batch
 
 
@@ -325,6 +411,7 @@ class _FeatureGrads(NamedTuple):
     per_task: jax.Array  # (T,) task losses
     dgr_term: jax.Array  # lambda * P
     penalty: jax.Array  # P
+    decoder_losses: jax.Array | None  # PTA: (T, D) decoder losses; else None
     task_cotangents: PyTree  # d l_t / d features on a leading task axis (MTAN: task t's entry)
     dgr_cotangent: PyTree  # d (lambda P) / d features, shaped like the features
     heads: PyTree  # {task: d l_task / d its head's parameters}
@@ -360,9 +447,10 @@ def _task_feature_grads(net, tasks, dgr, state, heads_params, features, batch, r
             rng,
             head_features=p["tasks"],
         )
-        return (per_task, dgr.weight * penalty), (penalty, head_stats)
+        per_task, decoder_losses = _task_means(per_task)
+        return (per_task, dgr.weight * penalty), (penalty, head_stats, decoder_losses)
 
-    (per_task, dgr_term), vjp, (penalty, head_stats) = jax.vjp(
+    (per_task, dgr_term), vjp, (penalty, head_stats, decoder_losses) = jax.vjp(
         on_features, {"heads": heads_params, "tasks": copies, "penalty": features}, has_aux=True
     )
     (grads,) = vjp((jnp.ones_like(per_task), jnp.ones_like(dgr_term)))
@@ -370,7 +458,14 @@ def _task_feature_grads(net, tasks, dgr, state, heads_params, features, batch, r
         grads["tasks"] if per_task_features else jnp.stack([grads["tasks"][name] for name in names])
     )
     return _FeatureGrads(
-        per_task, dgr_term, penalty, task_cotangents, grads["penalty"], grads["heads"], head_stats
+        per_task,
+        dgr_term,
+        penalty,
+        decoder_losses,
+        task_cotangents,
+        grads["penalty"],
+        grads["heads"],
+        head_stats,
     )
 
 

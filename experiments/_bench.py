@@ -154,13 +154,14 @@ def random_batch(tasks, batch_size: int, height: int, width: int, seed: int = 0)
     return batch
 
 
-def split_train_step(args, dgr, method=None, model=None, tasks=None):
+def split_train_step(args, dgr, method=None, model=None, tasks=None, regularizer=None):
     """The benchmarked set-up: the Split network of ``args`` (backbone, widths) on NYUv2's
     tasks, SGD with momentum, a random batch (with a second one under ``heldout/`` keys
     for a look-ahead method), the train state and the un-jitted step. Returns
     ``(net, state, batch, step)``. ``model``: a whole ``ModelConfig`` (a run's network,
     stage sizes included) instead of the one ``args`` describes; ``tasks``: a run's tasks
-    instead of NYUv2's three."""
+    instead of NYUv2's three; ``regularizer``: a ``dgr_jax.regularizers.Regularizer`` (SAM,
+    PTA) for the network and the step."""
     import optax
 
     from dgr_jax.models import ModelConfig, build_model
@@ -176,6 +177,8 @@ def split_train_step(args, dgr, method=None, model=None, tasks=None):
         )
     tasks = NYUV2 if tasks is None else tuple(tasks)
     net = build_model(model, tasks)
+    if regularizer is not None:
+        net = regularizer.network(net)
     optimizer = optax.sgd(0.1, momentum=0.9)
     batch = random_batch(tasks, args.batch_size, args.height, args.width)
     if method is not None and method.lookahead is not None:
@@ -184,4 +187,9 @@ def split_train_step(args, dgr, method=None, model=None, tasks=None):
     state = jax.jit(  # jitted: op by op, the first initialisation takes far longer
         lambda key, images: init_train_state(net, optimizer, key, images, args.num_dummy, method)
     )(jax.random.PRNGKey(0), batch["image"])
-    return net, state, batch, make_train_step(net, tasks, dgr, optimizer, method)
+    return (
+        net,
+        state,
+        batch,
+        make_train_step(net, tasks, dgr, optimizer, method, regularizer=regularizer),
+    )

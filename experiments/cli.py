@@ -21,7 +21,7 @@ os.environ.setdefault(
 )  # TensorFlow (input only) logs at import otherwise
 
 from data_pipelines.common import DataError  # noqa: E402
-from dgr_jax import methods, parallel  # noqa: E402
+from dgr_jax import methods, parallel, pta, regularizers  # noqa: E402
 from dgr_jax.checkpoint import CheckpointError  # noqa: E402
 from dgr_jax.errors import ConfigError  # noqa: E402
 from dgr_jax.models import BACKBONES, ModelConfig  # noqa: E402
@@ -30,6 +30,7 @@ from experiments import config as config_lib  # noqa: E402
 from experiments.config import (  # noqa: E402
     DataConfig,
     MethodConfig,
+    RegularizerConfig,
     RunConfig,
     TaskConfig,
     TrainConfig,
@@ -148,7 +149,8 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         dest="dgr.weight",
         type=float,
         default=None,
-        help="lambda, the DGR penalty's weight; 0 turns DGR off (default 0; 0.1 with --synthetic)",
+        help="lambda, the DGR penalty's weight; 0 turns DGR off (default 0; 0.1 with --synthetic; "
+        "--regularizer dgr only)",
     )
     add(
         "--num_dummy",
@@ -182,6 +184,34 @@ def make_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
         default=None,
         help="penalise ||g||^2 (the original code's objective) instead of ||g|| (the paper's "
         "text). The original code's update: --dgr_method paper --squared_norm --num_dummy 1",
+    )
+    add(
+        "--regularizer",
+        dest="regularizer.name",
+        choices=tuple(config_lib.REGULARIZERS),
+        default=None,
+        help="the regulariser beside the MTL method (the paper's Fig. 2 compares them; every "
+        "one combines with every --weighting): "
+        + "; ".join(spec.help for spec in config_lib.REGULARIZERS.values())
+        + ". Every regulariser but dgr turns DGR off; --dgr_weight with it is an error",
+    )
+    add(
+        "--sam_rho",
+        dest="regularizer.sam_rho",
+        type=float,
+        metavar="RHO",
+        default=None,
+        help=f"SAM's neighbourhood radius rho (default {regularizers.DEFAULT_SAM_RHO:g}, "
+        "Foret et al.'s; --regularizer sam only)",
+    )
+    add(
+        "--pta_decoders",
+        dest="regularizer.pta_decoders",
+        type=int,
+        metavar="D",
+        default=None,
+        help=f"PTA's decoders per task, each a full copy of the task's head, independently "
+        f"initialised (default {pta.DEFAULT_DECODERS}; --regularizer pta only)",
     )
     add(
         "--tasks",
@@ -450,6 +480,7 @@ def build_config(spec: DatasetSpec, args) -> RunConfig:
         "train": dict(spec.recipe),
         "data": {},
         "tasks": {},
+        "regularizer": {},
     }
     flags = {path: value for path, value in vars(args).items() if "." in path and value is not None}
     if flags.get("data.synthetic"):
@@ -458,6 +489,7 @@ def build_config(spec: DatasetSpec, args) -> RunConfig:
     for path, value in flags.items():
         record, field = path.split(".", 1)
         records[record][field] = value
+    _apply_regularizer(spec, flags, records)
     try:
         model = records["model"]
         if "bn_unbiased_running_var" in model and isinstance(model["bn_unbiased_running_var"], str):
@@ -480,6 +512,7 @@ def build_config(spec: DatasetSpec, args) -> RunConfig:
             train=TrainConfig(**records["train"]),
             data=DataConfig(**records["data"]),
             tasks=TaskConfig(**records["tasks"]),
+            regularizer=RegularizerConfig(**records["regularizer"]),
             reference=None if args.reference is None else _read_reference(spec, args.reference),
         )
     except ConfigError as error:
@@ -491,6 +524,28 @@ def build_config(spec: DatasetSpec, args) -> RunConfig:
     if not args.dry_run:
         _check_data_dir(spec, config)
     return config
+
+
+def _apply_regularizer(spec: DatasetSpec, flags: dict, records: dict) -> None:
+    """A regulariser other than dgr turns DGR off (the --synthetic preset's lambda too);
+    a flag it does not read is an error, as --dgr_weight is."""
+    name = flags.get("regularizer.name", RegularizerConfig.name)
+    regularizer = config_lib.REGULARIZERS.get(name)
+    if regularizer is None:  # RegularizerConfig names the choices
+        return
+    given = [path.split(".", 1)[1] for path in flags if path.startswith("regularizer.")]
+    for field in given:
+        if field != "name" and field not in regularizer.fields:
+            owner = next(n for n, r in config_lib.REGULARIZERS.items() if field in r.fields)
+            _fail(
+                spec,
+                f"{describe_field('regularizer.' + field)} applies to --regularizer {owner} "
+                f"only, not {name}",
+            )
+    if not regularizer.dgr:
+        if "dgr.weight" in flags:
+            _fail(spec, f"--dgr_weight applies to --regularizer dgr only; {name} turns DGR off")
+        records["dgr"]["weight"] = 0.0
 
 
 def _check_data_dir(spec: DatasetSpec, config: RunConfig) -> None:

@@ -2,9 +2,11 @@
 
 ``RunConfig`` holds the library's own records (``models.ModelConfig``,
 ``objective.DGRConfig``) beside the run's (``MethodConfig``, ``TrainConfig``,
-``DataConfig``, ``TaskConfig``). Each record checks its own fields in ``__post_init__``
+``DataConfig``, ``TaskConfig``, ``RegularizerConfig``: the regulariser beside the MTL
+method, one record of ``REGULARIZERS`` per name). Each record checks its own fields in ``__post_init__``
 and raises ``dgr_jax.errors.ConfigError`` naming the field; ``RunConfig`` checks what
-depends on the data set (its tasks, networks, method arguments). Nothing else validates
+depends on the data set or on two records (its tasks, networks, method arguments; DGR
+off under another regulariser). Nothing else validates
 a value, and the command line maps a ``ConfigError``'s field to its flag (``cli.FLAGS``).
 
 Build one with ``RunConfig(dataset=..., model=ModelConfig(...), ...)`` or change one with
@@ -14,9 +16,9 @@ Build one with ``RunConfig(dataset=..., model=ModelConfig(...), ...)`` or change
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
-from dgr_jax import methods
+from dgr_jax import methods, pta, regularizers
 from dgr_jax.errors import ConfigError
 from dgr_jax.models import ModelConfig
 from dgr_jax.objective import DGRConfig
@@ -132,6 +134,73 @@ class TaskConfig:
             raise ConfigError("TaskConfig", "names", "must name at least one task")
 
 
+class RegularizerSpec(NamedTuple):
+    """One regulariser of ``--regularizer``: ``help`` for the flag; ``dgr``: DGR's penalty
+    applies (``--dgr_weight``; every other regulariser turns DGR off); ``fields``: the
+    ``RegularizerConfig`` fields it reads; ``build(config) -> dgr_jax Regularizer``."""
+
+    help: str
+    dgr: bool
+    fields: tuple[str, ...]
+    build: Callable[["RegularizerConfig"], regularizers.Regularizer]
+
+
+# Adding a regulariser is one record here (and its library part in dgr_jax).
+REGULARIZERS: dict[str, RegularizerSpec] = {
+    "none": RegularizerSpec(
+        "none: the MTL method alone (DGR off, the --synthetic preset's too)",
+        False,
+        (),
+        lambda c: regularizers.NONE,
+    ),
+    "dgr": RegularizerSpec(
+        "dgr: DGR's penalty, on when --dgr_weight > 0 (the default)",
+        True,
+        (),
+        lambda c: regularizers.NONE,
+    ),
+    "sam": RegularizerSpec(
+        "sam: sharpness-aware minimisation, the step's gradient taken at w + rho g/||g|| "
+        "(Foret et al. 2021; --sam_rho)",
+        False,
+        ("sam_rho",),
+        lambda c: regularizers.sam(c.sam_rho),
+    ),
+    "pta": RegularizerSpec(
+        "pta: pseudo-task augmentation, --pta_decoders trained decoders per task on the "
+        "shared encoder, each task's loss their mean, predictions from the decoder of lowest "
+        "running training loss (Meyerson & Miikkulainen 2018)",
+        False,
+        ("pta_decoders",),
+        lambda c: regularizers.pta(c.pta_decoders),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerConfig:
+    """The regulariser beside the MTL method (``REGULARIZERS``; the paper's Fig. 2 compares
+    DGR with SAM and PTA). ``sam_rho``: SAM's radius (Foret et al.'s 0.05);
+    ``pta_decoders``: PTA's decoders per task."""
+
+    name: str = "dgr"
+    sam_rho: float = regularizers.DEFAULT_SAM_RHO
+    pta_decoders: int = pta.DEFAULT_DECODERS
+
+    def __post_init__(self):
+        _one_of("RegularizerConfig", "name", self.name, tuple(REGULARIZERS))
+        if not self.sam_rho > 0:
+            raise ConfigError("RegularizerConfig", "sam_rho", f"must be > 0, got {self.sam_rho}")
+        _at_least("RegularizerConfig", self, 1, "pta_decoders")
+
+    @property
+    def spec(self) -> RegularizerSpec:
+        return REGULARIZERS[self.name]
+
+    def build(self) -> regularizers.Regularizer:
+        return self.spec.build(self)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a run depends on. Defaults are the paper's NYUv2 recipe."""
@@ -143,6 +212,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     tasks: TaskConfig = TaskConfig()
+    regularizer: RegularizerConfig = RegularizerConfig()
     reference: Mapping[str, float] | None = (
         None  # single-task metrics for Δm; None: the data set's default
     )
@@ -158,6 +228,13 @@ class RunConfig:
                 f"{self.method.name} combines gradients of one shared representation, and "
                 "mtan's features are per task; use --network split "
                 "(or, for mgda, --method_args level=parameters)",
+            )
+        if self.dgr.on and not self.regularizer.spec.dgr:
+            raise ConfigError(
+                "DGRConfig",
+                "weight",
+                f"applies to --regularizer dgr only; --regularizer {self.regularizer.name} "
+                "turns DGR off",
             )
         if self.tasks.names is not None:
             available = [t.name for t in spec.tasks]
@@ -183,6 +260,13 @@ class RunConfig:
             for t in chosen
         )
 
+    def build_network(self):
+        """The run's ``MultiTaskNet``: ``model`` on its tasks, with its regulariser's heads
+        (PTA's decoders); what its train state and checkpoints are made of."""
+        from dgr_jax.models import build_model
+
+        return self.regularizer.build().network(build_model(self.model, self.task_records()))
+
     def replace(self, **changes) -> "RunConfig":
         """``replace(train={"steps": 2})``: a dict changes fields of that record; any other
         value replaces the field."""
@@ -199,6 +283,49 @@ class RunConfig:
     def as_dict(self) -> dict:
         """JSON-able: tuples as lists, the tree as nested dicts."""
         return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, tree: Mapping) -> "RunConfig":
+        """The inverse of ``as_dict``: a saved run's configuration (its
+        ``summary.json["config"]``, or a checkpoint's) as a ``RunConfig``, so that analyses
+        rebuild the run's network and data from its workdir alone. Lists become tuples
+        again; a field missing from ``tree`` takes its default; every record validates
+        itself as when built by hand. An unknown field is a ``ValueError`` naming it."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(tree) - set(defaults))
+        if unknown:
+            raise ValueError(f"RunConfig has no field {unknown[0]!r}")
+        values = {}
+        for name, value in tree.items():
+            record = defaults[name]
+            if dataclasses.is_dataclass(record) and isinstance(value, Mapping):
+                known = {f.name for f in dataclasses.fields(record)}
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ValueError(f"{type(record).__name__} has no field {unknown[0]!r}")
+                values[name] = type(record)(**{k: _tupled(v) for k, v in value.items()})
+            else:
+                values[name] = value if isinstance(value, Mapping) else _tupled(value)
+        return cls(**values)
+
+
+def _tupled(value):
+    """JSON lists back to the tuples the records hold (nested: ``method.args`` pairs)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def record_defaults() -> dict:
+    """The flattened JSON-able defaults of ``RunConfig``'s records (``{"regularizer.name":
+    "dgr", ...}``): what a field that a saved configuration predates had."""
+    return flatten(
+        {
+            f.name: _jsonable(dataclasses.asdict(f.default))
+            for f in dataclasses.fields(RunConfig)
+            if dataclasses.is_dataclass(f.default)
+        }
+    )
 
 
 def _jsonable(value):
@@ -251,6 +378,9 @@ FIELD_FLAGS = {
     "data.drop_last": "--drop_last",
     "tasks.names": "--tasks",
     "tasks.normal_loss": "--normal_loss",
+    "regularizer.name": "--regularizer",
+    "regularizer.sam_rho": "--sam_rho",
+    "regularizer.pta_decoders": "--pta_decoders",
     "reference": "--reference",
 }
 OWNERS = {
@@ -260,6 +390,7 @@ OWNERS = {
     "TrainConfig": "train",
     "DataConfig": "data",
     "TaskConfig": "tasks",
+    "RegularizerConfig": "regularizer",
     "RunConfig": None,
 }
 

@@ -29,11 +29,17 @@ import optax
 from dgr_jax import parallel
 from dgr_jax.checkpoint import CheckpointError, Checkpoints
 from dgr_jax.methods import MTLMethod
-from dgr_jax.models import build_model
 from dgr_jax.models.pretrained import encoder_from_torch, with_pretrained_encoder
 from dgr_jax.train import HELDOUT, end_epoch, init_train_state, make_train_step
 from experiments import reporting
-from experiments.config import RESUMABLE_CHANGES, RunConfig, TrainConfig, describe_field, flatten
+from experiments.config import (
+    RESUMABLE_CHANGES,
+    RunConfig,
+    TrainConfig,
+    describe_field,
+    flatten,
+    record_defaults,
+)
 from experiments.evaluation import Evaluator
 from experiments.weights import read_state_dict
 
@@ -162,7 +168,8 @@ def check_resumable(checkpoints: Checkpoints, config: RunConfig) -> None:
             break
     if saved is None:
         return
-    now, then = flatten(config.as_dict()), flatten(saved)
+    # A field added after the checkpoint was written had its default in that run.
+    now, then = flatten(config.as_dict()), {**record_defaults(), **flatten(saved)}
     differ = [
         key
         for key in sorted(set(now) | set(then))
@@ -329,7 +336,7 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
     if steps_per_epoch == 0:
         raise RunError(f"--batch_size {train.batch_size} is larger than the training set")
     total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
-    net = build_model(config.model, tasks)
+    net = config.build_network()
     method = config.method.build()
     optimizer = make_optimizer(train, total_steps, steps_per_epoch, method)
     sample = jnp.asarray(next(iter(data.train_epoch(0, 0)))["image"][:1])
@@ -369,6 +376,7 @@ def _build(config: RunConfig, workdir: Path, log) -> Run:
                 optimizer,
                 method,
                 lookahead_optimizer=make_lookahead_optimizer(train, method),
+                regularizer=config.regularizer.build(),
             ),
             mesh,
         ),
@@ -438,10 +446,16 @@ def _describe(run: Run) -> str:
     return (
         f"{config.dataset}: {config.model.network} {config.model.backbone}, tasks "
         f"{', '.join(t.name for t in run.tasks)}, weighting {config.method.name}, "
-        f"DGR {f'λ={dgr.weight} ({dgr.estimator}, K={dgr.num_dummy})' if dgr.on else 'off'}; "
+        f"DGR {f'λ={dgr.weight} ({dgr.estimator}, K={dgr.num_dummy})' if dgr.on else 'off'}"
+        f"{_describe_regularizer(config.regularizer)}; "
         f"{run.data.description}; {run.steps_per_epoch} steps/epoch, {run.total_steps} steps on "
         f"{run.mesh.shape['data']} device(s)"
     )
+
+
+def _describe_regularizer(regularizer) -> str:
+    fields = ", ".join(f"{name}={getattr(regularizer, name)}" for name in regularizer.spec.fields)
+    return f", regularizer {regularizer.name}" + (f" ({fields})" if fields else "")
 
 
 def _batches(run: Run, epoch: int, start: int):
