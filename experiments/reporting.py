@@ -197,3 +197,18 @@ def progress_bar(total: int, initial: int, enabled: bool):
         file=sys.stderr,
         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
     )
+
+
+def mean_std(values) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1: the spread of seeds, which sample the
+    runs one could have had) of ``values``; the std is None for a single value."""
+    values = np.asarray(list(values), np.float64)
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def format_mean_std(mean: float, std: float | None, *, percent: bool = False) -> str:
+    """``"0.4602 ± 0.0031"``, or Δm-style ``"+6.32 ± 0.41%"`` with ``percent`` (fractions
+    in, percent out); no "±" part for a single value."""
+    if percent:
+        return f"{100 * mean:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}") + "%"
+    return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")

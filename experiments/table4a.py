@@ -23,18 +23,16 @@ from pathlib import Path
 
 from dgr_jax import metrics as metric_lib
 from dgr_jax.paper_tables import PAPER_TABLE_4A, PAPER_TABLE_4A_DUMMY
+from experiments.runs import TINY_PRESET, Cell, cell_configs, refuse_flags, run_cells
 
+PROG = "python -m experiments.table4a"
 DATASETS = ("nyuv2", "cityscapes")
-SMALL = [  # a CPU preset: tiny networks and data, a few epochs
-    "--base_width", "4", "--head_width", "8", "--stage_sizes", "1,1,1,1",
-    "--synthetic_size", "24x32", "--synthetic_counts", "8,4", "--epochs", "2",
-    "--batch_size", "4",
-]  # fmt: skip
+SMALL = list(TINY_PRESET)  # a CPU preset: tiny networks and data, a few epochs
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.table4a",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -81,12 +79,9 @@ def parse_args(argv=None):
     for name in args.datasets:
         if not args.synthetic and getattr(args, f"data_dir_{name}") is None:
             parser.error(f"--data_dir_{name} DIR is needed for {name} (or pass --synthetic)")
-    blocked = sorted(
-        {"--tasks", "--dgr_weight", "--num_dummy", "--workdir", "--resume"}
-        & {a.split("=")[0] for a in passed}
-    )
-    if blocked:
-        parser.error(f"{blocked[0]} is set by the sweep itself for each run")
+    blocked = ("--tasks", "--dgr_weight", "--num_dummy", "--workdir", "--resume", "--overwrite")
+    refuse_flags(parser.error, passed, blocked, "the sweep")
+    args.fail = parser.error
     return args, passed
 
 
@@ -129,24 +124,17 @@ def run_name(dataset_names: list[str], count: int, k: int) -> str:
 
 def main(argv=None) -> dict:
     args, passed = parse_args(argv)
-    from experiments import cli
     from experiments.datasets import DATASETS as SPECS
 
     root = Path(args.workdir).expanduser()
     extra = (SMALL if args.small else []) + passed
     runs = plan(args)
-    summaries = {}
-    for number, (dataset, name, flags) in enumerate(runs, 1):
-        workdir = root / dataset / name
-        summary_path = workdir / "summary.json"
-        label = f"[{number}/{len(runs)}] {dataset} {name}"
-        if summary_path.exists():
-            print(f"{label}: done before, skipped", flush=True)
-        else:
-            resume = ["--resume"] if (workdir / "checkpoints").is_dir() else ["--overwrite"]
-            print(f"{label}: {' '.join(flags + extra)}", flush=True)
-            cli.run(dataset, flags + extra + ["--workdir", str(workdir), "--no_progress"] + resume)
-        summaries[(dataset, name)] = json.loads(summary_path.read_text())
+    cells = [
+        Cell(f"{dataset} {name}", dataset, tuple(flags + extra), root / dataset / name)
+        for dataset, name, flags in runs
+    ]
+    done = run_cells(cells, cell_configs(cells, args.fail), PROG)
+    summaries = {(dataset, name): s for (dataset, name, _), s in zip(runs, done)}
 
     table, result = {}, {"runs": {f"{d}/{n}": s["metrics"] for (d, n), s in summaries.items()}}
     for dataset in args.datasets:
