@@ -8,13 +8,14 @@ import json
 import jax
 import jax.numpy as jnp
 
-from dgr_jax.models import build_model, count_params
+from dgr_jax import pta
+from dgr_jax.models import count_params
 
 
 def dry_run(config) -> dict:
     """Shapes and parameter counts via ``jax.eval_shape`` (no large allocation)."""
     spec, tasks = config.spec, config.task_records()
-    net = build_model(config.model, tasks)
+    net = config.build_network()  # with the regulariser's heads (PTA's decoders)
     images = jax.ShapeDtypeStruct((config.train.batch_size, *spec.image_size, 3), jnp.float32)
     num_dummy = config.dgr.num_dummy
 
@@ -23,7 +24,9 @@ def dry_run(config) -> dict:
         features, outputs = net.apply(variables, images, train=False)
         keys = jax.random.split(key, num_dummy)
         dummy = jax.vmap(
-            lambda k: net.heads.init(k, features, spec.image_size, train=False)["params"]
+            lambda k: pta.base_heads(net.heads).init(k, features, spec.image_size, train=False)[
+                "params"
+            ]
         )(keys)
         return variables, features, outputs, dummy
 

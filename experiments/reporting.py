@@ -130,6 +130,8 @@ def results_table(config, tasks, values: dict[str, float], paper_values: dict[st
     (ImageNet, Table 4(a))."""
     keys = shown_keys(values, tasks)
     method = paper_tables.paper_method_name(config.method.name, config.dgr.on)
+    if not config.regularizer.spec.dgr and config.regularizer.name != "none":
+        method = f"{method} + {config.regularizer.name.upper()}"  # no paper row: Fig. 2's
     header = "| run | " + " | ".join(keys) + " | Δm |"
     rule = "|" + "---|" * (len(keys) + 2)
 

@@ -329,3 +329,17 @@ def test_resume_checks_the_regularizer():
     sam = RunConfig(regularizer=RegularizerConfig("sam")).as_dict()
     with pytest.raises(RunError, match="--regularizer 'sam'"):
         check_resumable(Saved(sam), config)
+
+
+@pytest.mark.parametrize("name, label", [("sam", "Vanilla + SAM"), ("pta", "Vanilla + PTA")])
+def test_results_table_names_the_regularizer_and_shows_no_paper_row(name, label):
+    from experiments.config import RegularizerConfig, RunConfig
+    from experiments.reporting import results_table
+
+    config = RunConfig(dataset="multidigits", model=ModelConfig(network="classifier"))
+    config = config.replace(regularizer=RegularizerConfig(name=name))
+    values = {"left/acc": 0.5, "right/acc": 0.75, "delta_m": -0.25}
+    table = results_table(config, config.task_records(), values, values).splitlines()
+    assert table[2].startswith(f"| this run: {label} (paper's convention) |")
+    assert table[3] == f"| this run: {label} (whole-set) | 0.5000 | 0.7500 | -25.00% |"
+    assert table[4] == ""  # the paper prints Fig. 2's SAM and PTA as bars, not table rows

@@ -236,3 +236,28 @@ def test_bad_flags_are_one_line(tmp_path, capsys, flags, message):
     errors = [line for line in err.splitlines() if "error:" in line]
     assert errors == [errors[-1]] and message in errors[0] and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_sam_and_pta_cells_pass_their_regulariser_and_only_their_flags(tmp_path):
+    """Fig. 2's cells: --regularizer sam|pta without --dgr_weight, --sam_rho to the SAM
+    runs only; each printed command builds that regulariser's configuration."""
+    from experiments import cli
+    from experiments.datasets import DATASETS
+
+    (tmp_path / "reference.json").write_text(json.dumps(REFERENCE))
+    flags = ["--regularizers", "none", "sam", "pta", "--sam_rho", "0.1", "--dry_run"]
+    quietly(table.main, argv(tmp_path) + flags)
+    commands = [line for line in (tmp_path / "commands.txt").read_text().splitlines()[1:]]
+    assert len(commands) == 3 * len(SEEDS)
+    spec = DATASETS["multidigits"]
+    seen = {}
+    for command in commands:
+        config = cli.build_config(spec, cli.make_parser(spec).parse_args(command.split()[3:]))
+        seen[config.regularizer.name] = config
+        assert not config.dgr.on
+        assert ("--sam_rho 0.1" in command) == (config.regularizer.name == "sam")
+    # The cell without a regulariser is the vanilla run as the README writes it:
+    # --dgr_weight 0 (regularizer "dgr", off).
+    assert set(seen) == {"dgr", "sam", "pta"}
+    assert seen["sam"].regularizer.sam_rho == 0.1 and seen["pta"].regularizer.sam_rho == 0.05
+    assert not any(p.name == "summary.json" for p in tmp_path.rglob("*"))
