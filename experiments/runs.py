@@ -387,15 +387,36 @@ class FinishedRun:
 
 
 class FrozenFeatures:
-    """The shared features of a trained encoder in inference mode (running BatchNorm
-    statistics, no dropout), as the evaluation step computes them (``make_eval_step``
-    runs the whole net so; here the encoder alone): what a probe or a freshly fitted head
-    reads from a frozen representation."""
+    """The shared features of a trained encoder, frozen: what a probe or a freshly fitted
+    head reads from a representation.
 
-    def __init__(self, net):
+    ``mode="inference"`` (the default): running BatchNorm statistics, no dropout, as the
+    evaluation step computes them (``make_eval_step`` runs the whole net so; here the
+    encoder alone). ``mode="train"``: as the train step sees its features
+    (``dgr_jax.objective.encode``): BatchNorm on the statistics of each batch, its updates
+    discarded, so the state is unchanged. This is where DGR penalises the dummy-gradient
+    norm, and in a short run, whose running statistics lag, the two can differ a lot.
+    In training mode an example's features depend on the rest of its batch: ``batch_size``
+    (the run's) cuts the collected examples into consecutive chunks of that size in their
+    order (the last one shorter when it does not divide them); None keeps the batches as
+    they come."""
+
+    MODES = ("inference", "train")
+
+    def __init__(self, net, mode: str = "inference", batch_size: int | None = None):
         import jax
 
+        from dgr_jax.objective import encode
+
+        if mode not in self.MODES:
+            raise ValueError(f"encoder mode must be one of {self.MODES}, got {mode!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mode, self.batch_size = mode, batch_size
+
         def features(encoder_params, batch_stats, images):
+            if mode == "train":  # the encoder has no dropout: the key draws nothing
+                return encode(net, encoder_params, batch_stats, images, jax.random.PRNGKey(0))[0]
             return net.encoder.apply(
                 {"params": encoder_params, "batch_stats": batch_stats.get("encoder", {})},
                 images,
@@ -410,22 +431,28 @@ class FrozenFeatures:
     def collect(self, state, batches, names, max_examples: int | None = None):
         """``(features, targets)`` of the first ``max_examples`` examples (None: all) of
         ``batches``, concatenated on the host: the features' pytree (MTAN: one array per
-        task) and ``{name: labels}`` for ``names``."""
+        task) and ``{name: labels}`` for ``names``. Features are computed per batch as
+        they come, or per chunk of ``batch_size`` (see the class)."""
         import jax
         import numpy as np
 
-        features, targets, count = [], {name: [] for name in names}, 0
+        images, targets, count = [], {name: [] for name in names}, 0
         for batch in batches:
             take = len(batch["image"]) if max_examples is None else max_examples - count
             if take <= 0:
                 break
-            images = np.asarray(batch["image"][:take])
-            features.append(jax.device_get(self(state, images)))
+            images.append(np.asarray(batch["image"][:take]))
             for name in names:
                 targets[name].append(np.asarray(batch[name][:take]))
-            count += len(images)
-        if not features:
+            count += len(images[-1])
+        if not images:
             raise ValueError("no examples to compute features of")
+        if self.batch_size is not None:
+            joined = np.concatenate(images)
+            images = [
+                joined[i : i + self.batch_size] for i in range(0, len(joined), self.batch_size)
+            ]
+        features = [jax.device_get(self(state, chunk)) for chunk in images]
         joined = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *features)
         return joined, {name: np.concatenate(parts) for name, parts in targets.items()}
 

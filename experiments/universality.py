@@ -11,11 +11,15 @@ the dummy-gradient norm ||grad_phi l_t|| at random heads, which bounds the gap w
 loss is gradient-dominated (U_t <= ||grad||^2 / (2 mu)). This command measures all three
 on the frozen features of each run, per task, vanilla beside DGR:
 
-* z: the run's encoder in inference mode (running BatchNorm statistics) on a fixed set,
-  the first --train_examples examples of the run's first training epoch (its seed, its
-  augmentation), and on the first --eval_examples of its evaluation split. Every loss is
-  the task's training loss (dgr_jax.tasks) over the whole set, the heads' BatchNorm on
-  that set's statistics, as DGR's dummy heads run.
+* z: the run's frozen encoder on a fixed set, the first --train_examples examples of
+  the run's first training epoch (its seed, its augmentation), and on the first
+  --eval_examples of its evaluation split. --encoder_mode train (the default): the
+  encoder as the train step runs it, BatchNorm on the statistics of each batch (the
+  examples in consecutive chunks of the run's --batch_size, in order; BatchNorm's updates
+  discarded), the features on which DGR penalised the norm; inference: running BatchNorm
+  statistics, as the evaluation step runs it; both: each, the default's in the tables and
+  the other's beside them. Every loss is the task's training loss (dgr_jax.tasks) over the
+  whole set, the heads' BatchNorm on that set's statistics, as DGR's dummy heads run.
 * (a) fitted: min_psi l_t on each set, approximated by full-batch Adam (--fit_lr) from
   the run's own trained heads, checked every --fit_check steps and stopped when each
   task's loss fell by less than --fit_tol (relative) since the last check, or after
@@ -67,6 +71,8 @@ PROG = "python -m experiments.universality"
 PRESET = ["--epochs", "3", "--synthetic_counts", "32,16"]
 # Data sets without generated data (multidigits) get the CPU-sized network instead.
 SMALL_NETWORK = ["--backbone", "resnet18", "--base_width", "16", "--stage_sizes", "1,2,1,1"]
+# FrozenFeatures' modes, the default first: the train step's (DGR penalises the norm there).
+ENCODER_MODES = ("train", "inference")
 
 
 def builtin_flags(dataset: str) -> list[str]:
@@ -101,6 +107,15 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         help="examples of the evaluation split (the first; default 16)",
+    )
+    add(
+        "--encoder_mode",
+        choices=(*ENCODER_MODES, "both"),
+        default=ENCODER_MODES[0],
+        help="how the frozen encoder computes the features: train (default) with BatchNorm "
+        "on each batch's statistics (chunks of the run's --batch_size, in order; updates "
+        "discarded), as the train step and DGR's penalty see them; inference with the running "
+        "statistics, as evaluation does; both: each, the default's first",
     )
     add("--num_heads", type=int, default=3, help="K, random head sets per draw (default 3)")
     add("--draws", type=int, default=5, help="independent draws of K random heads (default 5)")
@@ -300,15 +315,22 @@ def _sets_of(stacked) -> int:
     return jax.tree_util.tree_leaves(stacked)[0].shape[0]
 
 
-def measure_run(run, args) -> dict:
-    """Every number of one run: fitted, random and own-dummy heads on both splits."""
+def encoder_modes(choice: str) -> list[str]:
+    """The modes --encoder_mode asks for, the one the tables show first."""
+    return list(ENCODER_MODES) if choice == "both" else [choice]
+
+
+def measure_run(run, args, mode: str) -> dict:
+    """Every number of one run, its encoder in ``mode`` (``FrozenFeatures``): fitted,
+    random and own-dummy heads on both splits."""
     import jax
 
     from dgr_jax.models import heads_apply_fn
 
     setup, tasks = run.setup, run.setup.tasks
     names = [t.name for t in tasks]
-    frozen = FrozenFeatures(setup.net)
+    # The run's batch size in both modes, so that the chunks are the same.
+    frozen = FrozenFeatures(setup.net, mode, batch_size=run.config.train.batch_size)
     train = frozen.collect(
         run.state, setup.data.train_epoch(0, 0), names, max_examples=args.train_examples
     )
@@ -328,6 +350,8 @@ def measure_run(run, args) -> dict:
     )
     result = {
         "label": run.label,
+        "encoder_mode": mode,
+        "batch_size": run.config.train.batch_size,
         "workdir": str(run.workdir),
         "dgr": run.dgr_text,
         "config": run.config.as_dict(),
@@ -338,7 +362,7 @@ def measure_run(run, args) -> dict:
     }
     for split, (features, targets) in (("train", train), ("eval", evaluation)):
         say(
-            f"[{run.label}] {split}: fitting heads on the frozen features of "
+            f"[{run.label}, {mode} mode] {split}: fitting heads on the frozen features of "
             f"{len(targets[names[0]])} examples (at most {args.fit_steps} Adam steps) ..."
         )
         start = time.perf_counter()
@@ -354,7 +378,7 @@ def measure_run(run, args) -> dict:
             tol=args.fit_tol,
         )
         say(
-            f"[{run.label}] {split}: fitted in {time.perf_counter() - start:.0f} s: "
+            f"[{run.label}, {mode} mode] {split}: fitted in {time.perf_counter() - start:.0f} s: "
             + ", ".join(
                 f"{n} {f['losses'][0]:.4g} -> {f['losses'][-1]:.4g} "
                 f"({'converged' if f['converged'] else 'not converged'} at step {f['steps']})"
@@ -387,7 +411,7 @@ def measure_run(run, args) -> dict:
         result["fit"][split] = fit
         result["splits"][split] = rows
         say(
-            f"[{run.label}] {split}: "
+            f"[{run.label}, {mode} mode] {split}: "
             + ", ".join(
                 f"{n} gap {r['gap_mean']:.4g}±{r['gap_std']:.2g}, "
                 f"||grad|| {r['grad_norm_mean']:.4g}±{r['grad_norm_std']:.2g}"
@@ -495,7 +519,47 @@ def words(results: list[dict], names: list[str], args) -> list[str]:
     return text
 
 
-def markdown(results: list[dict], names: list[str], args) -> str:
+# How each FrozenFeatures mode computes z, in the report's words.
+MODE_WORDS = {
+    "train": "training mode, as the train step runs it (BatchNorm on the statistics of each "
+    "batch, its updates discarded: the features on which DGR penalised the norm)",
+    "inference": "inference mode, as the evaluation step runs it (running BatchNorm statistics)",
+}
+
+
+def mode_paragraph(by_mode: dict, names: list[str]) -> list[str]:
+    """Which encoder mode the tables use and, when the other was measured too, what it
+    gives on the evaluation set."""
+    modes = list(by_mode)
+    sizes = ", ".join(f"{r['label']} {r['batch_size']}" for r in by_mode[modes[0]])
+    text = [
+        f"The tables above use the encoder in {MODE_WORDS[modes[0]]}. In training mode an "
+        "example's features depend on its batch: the fixed sets go through the encoder in "
+        f"consecutive chunks of the run's batch size ({sizes}), in their order, in either mode."
+        + ("" if len(modes) > 1 else " The other mode was not measured (--encoder_mode both).")
+    ]
+    for mode in modes[1:]:
+        results = by_mode[mode]
+        sentences = [
+            f"{'Σ_t' if name == 'all' else name}: gap {_compare(results, 'eval', name, 'gap')}; "
+            "random-head gradient norm "
+            f"{_compare(results, 'eval', name, 'grad_norm')}."
+            for name in names + ["all"]
+        ]
+        text.append(
+            f"With the encoder in {MODE_WORDS[mode]} instead, on the evaluation set "
+            "(Σ_t: the summed loss, the one DGR penalises): "
+            + " ".join(sentences)
+            + f" Its tables: '{mode} "
+            "mode' below."
+        )
+    return text
+
+
+def markdown(by_mode: dict, names: list[str], args) -> str:
+    """The report: ``by_mode`` holds each measured mode's results, the tables' mode first."""
+    modes = list(by_mode)
+    results = by_mode[modes[0]]
     first = results[0]
     lines = [
         "# Universality of the shared features (Definition 2)",
@@ -511,7 +575,7 @@ def markdown(results: list[dict], names: list[str], args) -> str:
         "",
         "## Estimators",
         "",
-        f"- Features z: each run's encoder in inference mode on a fixed set, the first "
+        f"- Features z: each run's encoder in {modes[0]} mode on a fixed set, the first "
         f"{first['examples']['train']} examples of its first training epoch, and on the first "
         f"{first['examples']['eval']} of its evaluation split. l_t is task t's training loss over "
         "the whole set; heads run BatchNorm on that set's statistics, as DGR's dummy heads do.",
@@ -531,19 +595,23 @@ def markdown(results: list[dict], names: list[str], args) -> str:
         "- **‖∇φ l_t‖ random**: the dummy-gradient norm at those heads (`dgr_penalty` of l_t "
         "alone, exact); Σ_t: ‖∇φ Σ_t l_t‖, what DGR penalises. 'own dummy sets': the run's "
         "own fixed dummy sets (those a DGR run trained against). A DGR run penalised these "
-        "norms on training-mode features (batch statistics) at its own dummy sets; here the "
-        "encoder is frozen in inference mode (running statistics), as a frozen encoder is used, "
-        "and the heads are fresh: short runs, whose running statistics lag, can differ there.",
+        "norms on training-mode features (batch statistics) of its training batches at its own "
+        "dummy sets; here the encoder is frozen and the heads are fresh.",
         "",
     ]
     for split, title in (("train", "Fixed training set"), ("eval", "Evaluation set")):
         lines += [f"## {title}", "", *table(results, split, names), ""]
     lines += ["## What it shows", "", *[t + "\n" for t in words(results, names, args)]]
+    lines += ["## Encoder mode", "", *[t + "\n" for t in mode_paragraph(by_mode, names)]]
     lines += ["![universality](universality.png)", ""]
+    for mode in modes[1:]:
+        for split, title in (("train", "fixed training set"), ("eval", "evaluation set")):
+            lines += [f"## {mode} mode: {title}", "", *table(by_mode[mode], split, names), ""]
+        lines += [*[t + "\n" for t in words(by_mode[mode], names, args)]]
     return "\n".join(lines)
 
 
-def plot(path: Path, results: list[dict], names: list[str]) -> None:
+def plot(path: Path, results: list[dict], names: list[str], mode: str) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.2), squeeze=False)
     width = 0.8 / len(results)
@@ -566,7 +634,9 @@ def plot(path: Path, results: list[dict], names: list[str]) -> None:
             axis.set_title(f"{name}: {title}", fontsize=9)
     axes[0, 0].legend(fontsize=8)
     figure.suptitle(
-        "Universality: error bars are the std over draws of K random heads", fontsize=10
+        f"Universality (encoder in {mode} mode): error bars are the std over draws of K "
+        "random heads",
+        fontsize=10,
     )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -589,7 +659,10 @@ def main(argv=None) -> dict:
                 f"{', '.join(t.name for t in run.setup.tasks)}, {runs[0].label} {', '.join(names)}"
             )
     try:
-        results = [measure_run(run, args) for run in runs]
+        by_mode = {
+            mode: [measure_run(run, args, mode) for run in runs]
+            for mode in encoder_modes(args.encoder_mode)
+        }
     except (ValueError, FloatingPointError) as error:
         raise SystemExit(f"{PROG}: {' '.join(str(error).split())}") from None
     settings = {
@@ -604,13 +677,19 @@ def main(argv=None) -> dict:
             "fit_lr",
             "fit_check",
             "fit_tol",
+            "encoder_mode",
         )
     }
     settings["fit_optimizer"] = "adam"
-    payload = {"settings": settings, "tasks": names, "runs": results}
-    plot(root / "universality.png", results, names)
+    modes = list(by_mode)
+    # "runs": the tables' mode (settings' encoder_mode, or the default's with both);
+    # "other_modes": the rest, when measured.
+    payload = {"settings": settings, "tasks": names, "runs": by_mode[modes[0]]}
+    if len(modes) > 1:
+        payload["other_modes"] = {mode: by_mode[mode] for mode in modes[1:]}
+    plot(root / "universality.png", by_mode[modes[0]], names, modes[0])
     (root / "universality.json").write_text(json.dumps(payload, indent=1))
-    (root / "universality.md").write_text(markdown(results, names, args))
+    (root / "universality.md").write_text(markdown(by_mode, names, args))
     say(f"wrote {root / 'universality.md'} ({time.perf_counter() - start:.0f} s)")
     return payload
 

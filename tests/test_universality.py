@@ -165,8 +165,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_command_end_to_end_on_built_in_data(tmp_path, capsys):
-    payload = universality.main(["--workdir", str(tmp_path), *TINY])
+@pytest.fixture(scope="module")
+def tiny_command(tmp_path_factory):
+    """The command once on the tiny runs, in both encoder modes: ``(workdir, payload)``."""
+    workdir = tmp_path_factory.mktemp("universality")
+    return workdir, universality.main(["--workdir", str(workdir), *TINY, "--encoder_mode", "both"])
+
+
+def test_command_end_to_end_on_built_in_data(tiny_command):
+    tmp_path, payload = tiny_command
     for name in ("universality.md", "universality.json", "universality.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "universality.json").read_text())
@@ -190,12 +197,68 @@ def test_command_end_to_end_on_built_in_data(tmp_path, capsys):
                 assert row["trained_head_loss"] == pytest.approx(fit["losses"][0])
     text = (tmp_path / "universality.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| left |")]
-    assert len(rows) == 4  # two runs, two splits
+    assert len(rows) == 8  # two runs, two splits, two encoder modes
     assert "## What it shows" in text and "sampling error" in text
 
     # a finished run trained with other flags is refused, not reused
     with pytest.raises(SystemExit, match="holds a finished run"):
         universality.main(["--workdir", str(tmp_path), *TINY, "--seed", "1"])
+
+
+def test_train_mode_features_are_the_train_steps(tiny_command):
+    """--encoder_mode both: the default's (train) tables first, inference's beside them.
+    Training-mode features with the DGR run's dummy sets give the penalty its train step
+    logged at step 1 (initial state, first batch), inference-mode ones do not; chunks of
+    the run's batch size are its batches; the state's statistics are left as they were."""
+    from experiments.runs import FrozenFeatures, RunSetup
+
+    tmp_path, payload = tiny_command
+    assert payload["settings"]["encoder_mode"] == "both"
+    assert [r["encoder_mode"] for r in payload["runs"]] == ["train", "train"]
+    other = payload["other_modes"]["inference"]
+    assert [r["label"] for r in other] == ["vanilla", "dgr"]
+    for run_train, run_inference in zip(payload["runs"], other):  # same sets, other features
+        a, b = run_train["splits"]["eval"]["all"], run_inference["splits"]["eval"]["all"]
+        assert a["grad_norm_mean"] != pytest.approx(b["grad_norm_mean"], rel=1e-3)
+    text = (tmp_path / "universality.md").read_text()
+    assert (
+        "## Encoder mode" in text and "chunks of the run's batch size (vanilla 16, dgr 16)" in text
+    )
+    assert "## inference mode: evaluation set" in text
+
+    config = RunConfig.from_dict(
+        json.loads((tmp_path / "dgr" / "summary.json").read_text())["config"]
+    )
+    setup = RunSetup(config)
+    state = setup.initial_state()
+    logged = json.loads((tmp_path / "dgr" / "train.jsonl").read_text().splitlines()[0])
+    assert logged["step"] == 1
+    images, targets = setup.batch["image"], {t.name: setup.batch[t.name] for t in setup.tasks}
+    apply_heads = heads_apply_fn(setup.net.heads, setup.image_size)
+
+    def penalty(mode):
+        features = FrozenFeatures(setup.net, mode)(state, images)
+        return float(
+            heads_penalty(
+                apply_heads, state.dummy_sets, features, targets, task_losses(setup.tasks)
+            )
+        )
+
+    np.testing.assert_allclose(penalty("train"), logged["dgr/penalty"], rtol=1e-4)
+    assert abs(penalty("inference") - logged["dgr/penalty"]) > 1e-2 * logged["dgr/penalty"]
+
+    before = jax.device_get(state.batch_stats)
+    epoch = list(setup.data.train_epoch(0, 0))[:3]
+    frozen = FrozenFeatures(setup.net, "train", batch_size=config.train.batch_size)
+    chunked, _ = frozen.collect(state, epoch, ["left"], max_examples=40)  # 16, 16, 8
+    as_batches, _ = FrozenFeatures(setup.net, "train").collect(state, epoch, ["left"], 40)
+    np.testing.assert_allclose(chunked, as_batches, rtol=1e-5, atol=1e-6)
+    halves, _ = FrozenFeatures(setup.net, "train", batch_size=8).collect(state, epoch, ["left"], 40)
+    assert not np.allclose(halves[:16], chunked[:16], rtol=1e-3)  # the batch matters
+    np.testing.assert_allclose(halves[32:], chunked[32:], rtol=1e-5, atol=1e-6)  # same last 8
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.device_get(state.batch_stats))
+    with pytest.raises(ValueError, match="encoder mode"):
+        FrozenFeatures(setup.net, "eval")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
