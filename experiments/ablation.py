@@ -45,7 +45,15 @@ import time
 import types
 from pathlib import Path
 
-from experiments.runs import RunSetup, say, train_or_skip, use_compilation_cache
+from experiments.runs import (
+    Cell,
+    RunSetup,
+    cell_configs,
+    refuse_flags,
+    say,
+    train_or_skip,
+    use_compilation_cache,
+)
 
 METHODS = ("exact", "finite_difference", "paper", "double_backprop")
 DEFAULT_METHODS = ("exact", "finite_difference", "paper")
@@ -153,14 +161,10 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     """``(args, configs)``: this command's flags and one ``RunConfig`` per training run
     (every method of the cost table has one). Errors are parser errors: one line."""
-    from experiments import cli
-    from experiments.datasets import DATASETS
 
     parser = make_parser()
     args, passed = parser.parse_known_args(argv)
-    blocked = sorted(set(BLOCKED) & {a.split("=")[0] for a in passed})
-    if blocked:
-        parser.error(f"{blocked[0]} is set by the ablation itself for each run")
+    refuse_flags(parser.error, passed, BLOCKED, "the ablation")
     if args.data_dir is not None and args.synthetic:
         parser.error("--data_dir and --synthetic exclude each other")
     if not args.dgr_weight > 0:
@@ -173,23 +177,14 @@ def parse_args(argv=None):
     if args.methods is not None and "exact" not in args.methods:
         parser.error("--methods must include exact: the fidelity is measured at its checkpoints")
 
-    spec = DATASETS["nyuv2"]
-    run_parser = cli.make_parser(spec)
-    run_parser.prog = PROG  # its errors name this command
-    _, unknown = run_parser.parse_known_args(passed)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     data = ["--data_dir", args.data_dir] if args.data_dir else ["--synthetic", *PRESET]
     base = data + passed + ["--dgr_weight", str(args.dgr_weight)]
-    configs = {}
-    for method in METHODS:
-        try:
-            flags = run_parser.parse_args(base + ["--dgr_method", method])
-            configs[method] = cli.build_config(spec, flags)
-        except SystemExit as error:
-            if isinstance(error.code, str):  # build_config's one line, "experiments.nyuv2: ..."
-                parser.error(error.code.split(": ", 1)[-1])
-            raise
+    root = Path(args.workdir).expanduser()
+    cells = [
+        Cell(method, "nyuv2", tuple(base + ["--dgr_method", method]), root / method)
+        for method in METHODS
+    ]
+    configs = dict(zip(METHODS, cell_configs(cells, parser.error)))
     config = configs["exact"]
     epochs = config.train.epochs
     if args.fidelity_epochs is None:
