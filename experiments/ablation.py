@@ -47,6 +47,7 @@ from pathlib import Path
 
 from experiments.runs import (
     Cell,
+    FrozenFeatures,
     RunSetup,
     cell_configs,
     refuse_flags,
@@ -234,7 +235,6 @@ class Fidelity:
 
         from dgr_jax import heads_penalty
         from dgr_jax.models import heads_apply_fn
-        from dgr_jax.objective import encode
         from dgr_jax.tasks import task_losses
 
         self.eps, self.precisions = tuple(eps), tuple(precisions)
@@ -270,14 +270,9 @@ class Fidelity:
             return value, exact, fd
 
         self._gradients = jax.jit(gradients)
-        key = jax.random.PRNGKey(0)
-        self._encode = jax.jit(
-            lambda params, stats, images: encode(net, params, stats, images, key)[0]
-        )
-
-    def features(self, state, images):
-        """The encoder's features of ``images`` in training mode (as the train step's)."""
-        return self._encode(state.params["encoder"], state.batch_stats, images)
+        self.features = FrozenFeatures(net, mode="train")
+        """The encoder's features of ``images`` in training mode (as the train step's):
+        ``features(state, images)``."""
 
     def measure(self, dummy_sets, features, targets, log=lambda _: None) -> dict:
         """``{"penalty", "reference", "exact": {precision: {rel_err, cosine}},
